@@ -1,0 +1,72 @@
+"""shira-jax: Sparse High Rank Adapters (SHiRA) for JAX / Flax NNX.
+
+Example:
+    >>> import shira_jax as sj
+    >>> cfg = sj.ShiraConfig(r=32, target_modules=["q_proj", "v_proj"], random_seed=42)
+    >>> cfg.r
+    32
+"""
+
+from shira_jax import functional, masks, ops
+from shira_jax.checkpoint import load_adapter, save_adapter
+from shira_jax.config import ShiraConfig, matches_target
+from shira_jax.fusion import adapter_orthogonality, awom, awor, fuse_adapters
+from shira_jax.layer import (
+    ShiraDense,
+    ShiraFrozenValues,
+    ShiraIndices,
+    ShiraMergeBackup,
+    ShiraParam,
+)
+from shira_jax.model import (
+    active_adapters,
+    adapter_configs,
+    adapter_names,
+    apply_shira,
+    calibration_gradients,
+    delete_adapter,
+    disable_adapter,
+    merge,
+    merge_and_unload,
+    set_adapter,
+    set_scale,
+    shira_layers,
+    unmerge,
+)
+from shira_jax.modules_to_save import ModulesToSave, ShiraModuleParam
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ModulesToSave",
+    "ShiraConfig",
+    "ShiraDense",
+    "ShiraFrozenValues",
+    "ShiraIndices",
+    "ShiraMergeBackup",
+    "ShiraModuleParam",
+    "ShiraParam",
+    "active_adapters",
+    "adapter_configs",
+    "adapter_names",
+    "adapter_orthogonality",
+    "apply_shira",
+    "awom",
+    "awor",
+    "calibration_gradients",
+    "delete_adapter",
+    "disable_adapter",
+    "functional",
+    "fuse_adapters",
+    "load_adapter",
+    "masks",
+    "matches_target",
+    "merge",
+    "merge_and_unload",
+    "ops",
+    "save_adapter",
+    "set_adapter",
+    "set_scale",
+    "shira_layers",
+    "unmerge",
+]

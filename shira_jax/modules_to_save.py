@@ -1,0 +1,103 @@
+"""`modules_to_save`: whole modules trained fully and saved with an adapter (PEFT's wrapper).
+
+The original module stays untouched; each adapter gets its own copy whose params are
+`ShiraModuleParam` (a `ShiraParam`, so `wrt=ShiraParam` trains them) while it is active.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from flax import nnx
+
+from shira_jax.config import matches_target
+from shira_jax.layer import ShiraFrozenValues, ShiraParam, _tuple
+
+
+class ShiraModuleParam(ShiraParam):
+    """A param of an adapter's own copy of a `modules_to_save` module."""
+
+
+class ModulesToSave(nnx.Module):
+    """Runs the active adapter's copy of a module, or the original one."""
+
+    def __init__(self, original_module: nnx.Module) -> None:
+        self.original_module = original_module
+        self.modules_to_save = nnx.Dict()
+        self.active_adapters: tuple[str, ...] = ()
+        self.disabled = False
+
+    def add_adapter(self, adapter: str, active: bool) -> None:
+        copy = nnx.clone(self.original_module)
+        _retype_params(copy, ShiraModuleParam if active else ShiraFrozenValues)
+        self.modules_to_save[adapter] = copy
+
+    def set_adapter(self, adapters: str | Sequence[str]) -> None:
+        self.active_adapters = _tuple(adapters)
+        for name in list(self.modules_to_save.keys()):
+            kind = ShiraModuleParam if name in self.active_adapters else ShiraFrozenValues
+            _retype_params(self.modules_to_save[name], kind)
+
+    def delete_adapter(self, adapter: str) -> None:
+        if adapter in self.modules_to_save:
+            del self.modules_to_save[adapter]
+
+    def active_module(self) -> nnx.Module:
+        if not self.disabled:
+            for name in self.active_adapters:
+                if name in self.modules_to_save:
+                    return self.modules_to_save[name]
+        return self.original_module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.active_module()(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        # Parents that read attributes of the wrapped module (e.g. tied embeddings) still work.
+        if name.startswith("_") or name in ("original_module", "modules_to_save"):
+            raise AttributeError(name)
+        return getattr(self.active_module(), name)
+
+
+def _variable_slots(module: nnx.Module) -> Iterator[tuple[Any, str, nnx.Variable]]:
+    for _, node in nnx.iter_graph(module):
+        if isinstance(node, (nnx.Module,)):
+            items = node.items() if isinstance(node, nnx.Dict) else vars(node).items()
+            for key, value in list(items):
+                if isinstance(value, nnx.Variable):
+                    yield node, key, value
+
+
+def _retype_params(module: nnx.Module, kind: type[nnx.Variable]) -> None:
+    for owner, key, variable in list(_variable_slots(module)):
+        if isinstance(variable, (nnx.Param, ShiraFrozenValues)) and type(variable) is not kind:
+            new = kind(variable[...], **variable.get_metadata())
+            if isinstance(owner, nnx.Dict):
+                owner[key] = new
+            else:
+                setattr(owner, key, new)
+
+
+def select_modules_to_save(modules: dict[str, nnx.Module], patterns: Sequence[str]) -> list[str]:
+    """Paths of the outermost modules matching `patterns` (PEFT's list rule); error if none."""
+    chosen = [p for p in modules if matches_target(p, list(patterns))]
+    chosen = [p for p in chosen if not any(p.startswith(c + ".") for c in chosen)]
+    if not chosen:
+        raise ValueError(f"modules_to_save {list(patterns)} matched no module of the model.")
+    return chosen
+
+
+def wrap_modules_to_save(
+    model: nnx.Module, paths: Sequence[str], adapter: str, active: Sequence[str]
+) -> None:
+    """Give `adapter` a trainable copy of the module at each of `paths`."""
+    from shira_jax.model import get_submodule, set_submodule
+
+    for path in paths:
+        module = get_submodule(model, path)
+        wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
+        wrapper.add_adapter(adapter, active=adapter in active)
+        if wrapper is not module:
+            wrapper.set_adapter(tuple(active))
+            set_submodule(model, path, wrapper)

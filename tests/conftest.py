@@ -1,0 +1,41 @@
+"""Shared fixtures: the MLP of PEFT's own SHiRA tests, in Flax NNX."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax.numpy as jnp  # noqa: E402
+import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
+
+
+class MLP(nnx.Module):
+    """lin0 10->20, lin1 20->40, lin2 40->30, lin3 30->10, as in PEFT's tests/test_shira.py."""
+
+    def __init__(self, *, bias: bool = True, seed: int = 0, param_dtype=jnp.float32, dtype=None):
+        rngs = nnx.Rngs(seed)
+        kw = dict(use_bias=bias, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        self.lin0 = nnx.Linear(10, 20, **kw)
+        self.lin1 = nnx.Linear(20, 40, **kw)
+        self.lin2 = nnx.Linear(40, 30, **kw)
+        self.lin3 = nnx.Linear(30, 10, **kw)
+
+    def __call__(self, x):
+        x = nnx.relu(self.lin0(x))
+        x = nnx.relu(self.lin1(x))
+        x = nnx.relu(self.lin2(x))
+        return nnx.log_softmax(self.lin3(x), axis=-1)
+
+
+@pytest.fixture
+def mlp() -> MLP:
+    return MLP()
+
+
+@pytest.fixture
+def x() -> jnp.ndarray:
+    import jax
+
+    return jax.random.normal(jax.random.key(1), (5, 10))
