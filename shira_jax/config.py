@@ -107,6 +107,8 @@ class ShiraConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 set_(name, tuple(value))
+        if isinstance(self.target_modules, tuple):  # a set in PEFT: order carries no meaning
+            set_("target_modules", tuple(sorted(set(self.target_modules))))
         if isinstance(self.modules_to_save, str):
             set_("modules_to_save", (self.modules_to_save,))
         if isinstance(self.exclude_adapters, str):
@@ -135,7 +137,9 @@ class ShiraConfig:
             try:
                 re.compile(self.target_modules)
             except re.error as err:
-                raise ValueError(f"target_modules {self.target_modules!r}: bad regex: {err}") from err
+                raise ValueError(
+                    f"target_modules {self.target_modules!r}: bad regex: {err}"
+                ) from err
 
     @property
     def peft_type(self) -> str:
