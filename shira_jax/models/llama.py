@@ -15,13 +15,13 @@ Example:
     >>> from flax import nnx
     >>> from shira_jax.models.llama import LlamaConfig, LlamaForCausalLM, generate
     >>> cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-    ...                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    ...                   num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
     >>> model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
     >>> model(jnp.array([[1, 2, 3]])).shape
     (1, 3, 64)
     >>> type(model.model.layers[0].self_attn.q_proj).__name__
     'Linear'
-    >>> generate(model, jnp.array([[1, 2, 3]]), max_new_tokens=4).shape
+    >>> generate(model, jnp.array([[1, 2, 3]]), max_new_tokens=4).shape  # doctest: +SKIP
     (1, 7)
 """
 
@@ -458,7 +458,7 @@ class LlamaRMSNorm(nnx.Module):
         variance = jnp.mean(jnp.square(h), axis=-1, keepdims=True)
         h = (h * jax.lax.rsqrt(variance + self.eps)).astype(input_dtype)
         weight = self.weight[...]
-        dtype = self.dtype or jnp.promote_types(weight.dtype, input_dtype)
+        dtype = jnp.promote_types(weight.dtype, input_dtype) if self.dtype is None else self.dtype
         return weight.astype(dtype) * h.astype(dtype)
 
 
@@ -715,7 +715,7 @@ class LlamaForCausalLM(nnx.Module):
         >>> import jax.numpy as jnp
         >>> from flax import nnx
         >>> cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-        ...                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        ...                   num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
         ...                   tie_word_embeddings=True)
         >>> model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
         >>> model.lm_head is None
@@ -739,7 +739,7 @@ class LlamaForCausalLM(nnx.Module):
         rngs: nnx.Rngs,
     ):
         self.config = config
-        self.dtype = jnp.dtype(dtype or param_dtype)
+        self.dtype = jnp.dtype(param_dtype if dtype is None else dtype)
         self.param_dtype = jnp.dtype(param_dtype)
         self.model = LlamaModel(
             config, dtype=self.dtype, param_dtype=param_dtype, precision=precision, rngs=rngs
@@ -799,15 +799,22 @@ class LlamaForCausalLM(nnx.Module):
     ) -> KVCache:
         """An empty :class:`KVCache` for ``batch_size`` sequences of ``max_len`` tokens
         (``dtype`` defaults to the compute dtype)."""
-        return KVCache.create(self.config, batch_size, max_len, dtype or self.dtype)
+        return KVCache.create(
+            self.config, batch_size, max_len, self.dtype if dtype is None else dtype
+        )
 
 
 # --------------------------------------------------------------------------- generation
 
 
-def _sample(logits: jax.Array, key: jax.Array, temperature: float, top_k: int | None) -> jax.Array:
+_GEN_BUCKET = 32  # new-token buffers are rounded up to this, so nearby lengths share programs
+
+
+def _sample(
+    logits: jax.Array, key: jax.Array, greedy: bool, temperature: jax.Array, top_k: int | None
+) -> jax.Array:
     logits = logits.astype(jnp.float32)
-    if temperature == 0.0:
+    if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / temperature
     if top_k is not None:
@@ -828,32 +835,38 @@ def _prefill(
     return model.logits(hidden[:, -1]), cache
 
 
-@functools.partial(
-    nnx.jit, static_argnames=("max_new_tokens", "temperature", "top_k", "eos_ids", "pad_id")
-)
+@functools.partial(nnx.jit, static_argnames=("buffer_len", "greedy", "top_k", "eos_ids"))
 def _decode(
     model: LlamaForCausalLM,
     logits: jax.Array,
     cache: KVCache,
     next_pos: jax.Array,
     key: jax.Array,
+    max_new_tokens: jax.Array,
+    temperature: jax.Array,
+    pad_id: jax.Array,
     *,
-    max_new_tokens: int,
-    temperature: float,
+    buffer_len: int,
+    greedy: bool,
     top_k: int | None,
     eos_ids: tuple[int, ...],
-    pad_id: int,
 ) -> jax.Array:
+    """Greedy / sampled decoding in one ``while_loop``; stops early when all rows hit eos."""
     b = logits.shape[0]
-    out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
+    out = jnp.full((b, buffer_len), pad_id, jnp.int32)
     finished = jnp.zeros((b,), jnp.bool_)
     ones = jnp.ones((b, 1), jnp.bool_)
+    # The model's state enters the loop as an operand and the module is rebuilt inside, at the
+    # loop's trace level, so layers that mutate their own variables during a forward pass
+    # (SHiRA's kernel swap) stay legal there.
+    graphdef, model_state = nnx.split(model)
 
-    def step(tok, cache, pos, logits):
-        hidden, cache = model.model(tok[:, None], ones, pos[:, None], cache)
-        return model.logits(hidden[:, -1]).astype(logits.dtype), cache
+    def step(tok, cache, pos, logits, model_state):
+        m = nnx.merge(graphdef, model_state)
+        hidden, cache = m.model(tok[:, None], ones, pos[:, None], cache)
+        return m.logits(hidden[:, -1]).astype(logits.dtype), cache
 
-    def skip(tok, cache, pos, logits):  # the last token needs no forward pass
+    def skip(tok, cache, pos, logits, model_state):  # the last token needs no forward pass
         return logits, cache
 
     def cond(state):
@@ -863,15 +876,18 @@ def _decode(
     def body(state):
         i, logits, cache, pos, key, out, finished = state
         key, sub = jax.random.split(key)
-        tok = jnp.where(finished, pad_id, _sample(logits, sub, temperature, top_k))
+        tok = _sample(logits, sub, greedy, temperature, top_k)
+        tok = jnp.where(finished, pad_id, tok)
         out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, i))
         if eos_ids:
             finished = finished | jnp.isin(tok, jnp.asarray(eos_ids, jnp.int32))
-        logits, cache = jax.lax.cond(i + 1 < max_new_tokens, step, skip, tok, cache, pos, logits)
+        logits, cache = jax.lax.cond(
+            i + 1 < max_new_tokens, step, skip, tok, cache, pos, logits, model_state
+        )
         return i + 1, logits, cache, pos + 1, key, out, finished
 
-    state = (jnp.zeros((), jnp.int32), logits, cache, next_pos, key, out, finished)
-    return jax.lax.while_loop(cond, body, state)[5]
+    init = (jnp.zeros((), jnp.int32), logits, cache, next_pos, key, out, finished)
+    return jax.lax.while_loop(cond, body, init)[5]
 
 
 def generate(
@@ -887,6 +903,11 @@ def generate(
     pad_token_id: int | None = None,
 ) -> jax.Array:
     """Autoregressive generation with a KV cache (one jitted prefill, one jitted decode loop).
+
+    The decode loop runs inside a single compiled ``while_loop`` and stops once every row has
+    produced an eos. Buffers are rounded up to a multiple of 32 new tokens, so calls that
+    differ only in ``max_new_tokens`` (or in ``temperature`` > 0, ``rng``, ``pad_token_id``)
+    reuse the compiled programs; a new prompt shape or ``top_k`` compiles again.
 
     Args:
       model: a :class:`LlamaForCausalLM` (SHiRA-wrapped or not).
@@ -910,7 +931,7 @@ def generate(
         >>> import jax.numpy as jnp
         >>> from flax import nnx
         >>> cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-        ...                   num_hidden_layers=1, num_attention_heads=4)
+        ...                   num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
         >>> model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
         >>> prompts = jnp.array([[0, 3, 4], [7, 8, 9]])
         >>> out = generate(model, prompts, 5, attention_mask=jnp.array([[0, 1, 1], [1, 1, 1]]))
@@ -958,7 +979,8 @@ def generate(
         rng = jax.random.key(0)
 
     positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32)
-    cache = model.init_cache(b, t + max_new_tokens)
+    buffer_len = -(-max_new_tokens // _GEN_BUCKET) * _GEN_BUCKET
+    cache = model.init_cache(b, t + buffer_len)
     logits, cache = _prefill(model, ids, mask.astype(jnp.bool_), positions, cache)
     new = _decode(
         model,
@@ -966,11 +988,13 @@ def generate(
         cache,
         positions[:, -1] + 1,
         rng,
-        max_new_tokens=max_new_tokens,
-        temperature=float(temperature),
+        jnp.int32(max_new_tokens),
+        jnp.float32(temperature if temperature > 0 else 1.0),
+        jnp.int32(pad_token_id),
+        buffer_len=buffer_len,
+        greedy=temperature == 0,
         top_k=top_k,
         eos_ids=eos_ids,
-        pad_id=int(pad_token_id),
     )
-    out = jnp.concatenate([ids, new], axis=1)
+    out = jnp.concatenate([ids, new[:, :max_new_tokens]], axis=1)
     return out[0] if squeeze else out

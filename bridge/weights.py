@@ -1,0 +1,509 @@
+"""Hugging Face safetensors checkpoints <-> Flax NNX Llama models.
+
+``from_pretrained`` reads an HF model directory (``config.json`` plus ``model.safetensors`` or
+sharded ``model-0000x-of-0000y.safetensors`` with ``model.safetensors.index.json``), a ``.gguf``
+file, the embedded default ``"smollm2-135m"``, or (if reachable) a Hub repo id, and returns a
+:class:`shira_jax.models.LlamaForCausalLM`. ``save_pretrained`` writes the reverse, folding any
+active SHiRA adapters into the exported weights. Only safetensors are read: never pickles,
+never remote code.
+
+The mapping between the two layouts is derived from the module tree, not from a name table:
+an ``nnx.Linear`` at dotted path ``P`` is HF's ``P.weight`` (kernel transposed, torch stores
+``[out, in]``) and ``P.bias``; an ``nnx.Embed`` is ``P.weight``; an RMSNorm is ``P.weight``.
+
+Example:
+
+    >>> import tempfile, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from shira_jax.models import LlamaConfig, LlamaForCausalLM
+    >>> import bridge
+    >>> cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+    ...                   num_hidden_layers=1, num_attention_heads=4)
+    >>> model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+    >>> d = tempfile.mkdtemp()
+    >>> _ = bridge.save_pretrained(model, d)
+    >>> again = bridge.from_pretrained(d)
+    >>> bool(jnp.array_equal(again(jnp.array([[1, 2]])), model(jnp.array([[1, 2]]))))
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.typing import DTypeLike
+
+from shira_jax.models.llama import (
+    SUPPORTED_ARCHITECTURES,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaRMSNorm,
+)
+
+__all__ = ["from_pretrained", "load_tokenizer", "model_from_tensors", "save_pretrained"]
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+# Keys some checkpoints carry that hold no model state.
+_IGNORED_KEYS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_PATTERNS = [
+    CONFIG_NAME,
+    "generation_config.json",
+    "*.safetensors",
+    SAFE_WEIGHTS_INDEX_NAME,
+    "tokenizer*",
+    "special_tokens_map.json",
+    "chat_template*",
+]
+
+
+# --------------------------------------------------------------------------- name mapping
+
+
+class _Slot:
+    """One HF tensor: its key, the NNX variable holding it, whether it is transposed."""
+
+    __slots__ = ("key", "variable", "transpose")
+
+    def __init__(self, key: str, variable: nnx.Variable, transpose: bool):
+        self.key, self.variable, self.transpose = key, variable, transpose
+
+    @property
+    def hf_shape(self) -> tuple[int, ...]:
+        shape = tuple(self.variable.shape)
+        return shape[::-1] if self.transpose else shape
+
+
+def _dotted(path: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _is_wrapper(module: Any) -> bool:
+    """A SHiRA-style wrapper: ``base_layer`` plus ``effective_kernel()`` (``[in, out]``)."""
+    return hasattr(module, "base_layer") and callable(getattr(module, "effective_kernel", None))
+
+
+def _slots(model: nnx.Module) -> Iterator[_Slot]:
+    """HF tensors of a plain (unwrapped) model, derived from its module types."""
+    for path, module in nnx.iter_modules(model):
+        prefix = _dotted(path)
+        if isinstance(module, nnx.Linear):
+            yield _Slot(f"{prefix}.weight", module.kernel, True)
+            if module.bias is not None:
+                yield _Slot(f"{prefix}.bias", module.bias, False)
+        elif isinstance(module, nnx.Embed):
+            yield _Slot(f"{prefix}.weight", module.embedding, False)
+        elif isinstance(module, LlamaRMSNorm):
+            yield _Slot(f"{prefix}.weight", module.weight, False)
+
+
+def _abstract_model(
+    config: LlamaConfig,
+    dtype: DTypeLike,
+    param_dtype: DTypeLike,
+    precision: jax.lax.PrecisionLike = None,
+) -> LlamaForCausalLM:
+    """The model with shape-only parameters (no memory, no random init)."""
+    return nnx.eval_shape(
+        lambda: LlamaForCausalLM(
+            config, dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=nnx.Rngs(0)
+        )
+    )
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class _SafetensorsSource:
+    """Lazy key -> numpy reader over one or several safetensors files."""
+
+    def __init__(self, files: Mapping[str, Path]):
+        self._file_of = dict(files)  # key -> file
+        self._handles: dict[Path, Any] = {}
+
+    @classmethod
+    def from_dir(cls, path: Path) -> _SafetensorsSource:
+        from safetensors import safe_open
+
+        index = path / SAFE_WEIGHTS_INDEX_NAME
+        single = path / SAFE_WEIGHTS_NAME
+        if single.is_file():
+            with safe_open(str(single), framework="numpy") as f:
+                return cls({k: single for k in f.keys()})
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ValueError(f"{index} has no 'weight_map'")
+            files: dict[str, Path] = {}
+            for key, fname in weight_map.items():
+                shard = path / fname
+                if Path(fname).name != fname or not shard.is_file():
+                    raise FileNotFoundError(
+                        f"{index} maps {key!r} to {fname!r}, which is not a file in {path}"
+                    )
+                files[key] = shard
+            # Check the shards really hold what the index says.
+            for shard in sorted(set(files.values())):
+                with safe_open(str(shard), framework="numpy") as f:
+                    present = set(f.keys())
+                absent = [k for k, s in files.items() if s == shard and k not in present]
+                if absent:
+                    raise ValueError(f"{shard.name} lacks {absent[0]!r} listed in {index.name}")
+            return cls(files)
+        found = sorted(p.name for p in path.iterdir())
+        hint = ""
+        if any(n.endswith((".bin", ".pt", ".pth", ".ckpt")) for n in found):
+            hint = " (pickle checkpoints are never loaded; convert them to safetensors)"
+        raise FileNotFoundError(
+            f"no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} in {path}{hint}; found: {found}"
+        )
+
+    def keys(self) -> list[str]:
+        return list(self._file_of)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._file_of
+
+    def _handle(self, key: str) -> Any:
+        from safetensors import safe_open
+
+        path = self._file_of[key]
+        if path not in self._handles:
+            self._handles[path] = safe_open(str(path), framework="numpy")
+        return self._handles[path]
+
+    def get(self, key: str) -> np.ndarray:
+        return self._handle(key).get_tensor(key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._handle(key).get_slice(key).get_shape())
+
+    def close(self) -> None:
+        self._handles.clear()  # safe_open handles release their mmap when dropped
+
+
+class _DictSource:
+    def __init__(self, tensors: Mapping[str, np.ndarray]):
+        self._t = tensors
+
+    def keys(self) -> list[str]:
+        return list(self._t)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._t
+
+    def get(self, key: str) -> np.ndarray:
+        return self._t[key]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._t[key].shape)
+
+    def close(self) -> None:
+        pass
+
+
+def _hub_download(name: str) -> Path:
+    unreachable = (
+        "pass a local directory containing config.json and *.safetensors (or the embedded "
+        "model name 'smollm2-135m')"
+    )
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise OSError(
+            f"{name!r} is not a local directory and huggingface_hub is not installed, so the "
+            f"Hugging Face Hub is unreachable; {unreachable}"
+        ) from None
+    try:
+        return Path(snapshot_download(name, allow_patterns=_HUB_PATTERNS))
+    except Exception as e:  # network errors, missing repos, offline mode ...
+        raise OSError(
+            f"could not fetch {name!r} from the Hugging Face Hub ({type(e).__name__}: {e}); the "
+            f"hub may be unreachable from this machine: {unreachable}"
+        ) from e
+
+
+def _resolve(path_or_name: str | os.PathLike) -> Path:
+    """Local directory, .gguf file, embedded model name, or Hub repo id -> local path."""
+    from bridge import gguf
+
+    path = Path(path_or_name).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return path
+        if path.name == CONFIG_NAME:
+            return path.parent
+        raise ValueError(f"{path} is a file; pass its model directory (or a .gguf file)")
+    name = str(path_or_name)
+    if name.lower() in gguf.EMBEDDED_MODELS:
+        return gguf.smollm2_dir()
+    if _REPO_ID.match(name):
+        return _hub_download(name)
+    raise FileNotFoundError(
+        f"{name!r} is not a local directory, a .gguf file, an embedded model "
+        f"({', '.join(gguf.EMBEDDED_MODELS)}) or a Hugging Face repo id"
+    )
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    cfg_file = path / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {path}")
+    d = json.loads(cfg_file.read_text())
+    if d.get("quantization_config"):
+        method = d["quantization_config"].get("quant_method", "?")
+        raise ValueError(f"{path} holds a quantized checkpoint ({method}); only dense is supported")
+    archs = d.get("architectures") or []
+    if archs and not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        raise ValueError(
+            f"unsupported architecture {archs} in {cfg_file}; supported: "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} (model_type 'llama')"
+        )
+    return d
+
+
+def model_from_tensors(
+    config: LlamaConfig,
+    source: Any,
+    *,
+    dtype: DTypeLike = jnp.float32,
+    param_dtype: DTypeLike | None = None,
+    precision: jax.lax.PrecisionLike = None,
+) -> LlamaForCausalLM:
+    """Builds a model from HF-named torch-layout tensors (``source`` maps key -> array).
+
+    Parameters are created abstractly and filled one tensor at a time, so peak memory is about
+    one model plus one tensor. Missing, unexpected and mis-shaped keys raise ``ValueError``
+    naming the key.
+    """
+    param_dtype = dtype if param_dtype is None else param_dtype
+    model = _abstract_model(config, dtype, param_dtype, precision)
+    slots = list(_slots(model))
+    expected = {s.key for s in slots}
+    n_params = len(jax.tree.leaves(nnx.state(model, nnx.Param)))
+    if n_params != len(slots):  # a module type this bridge does not know
+        raise RuntimeError(f"bridge maps {len(slots)} of the model's {n_params} parameters")
+    missing = [s.key for s in slots if s.key not in source]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(f"checkpoint is missing {missing[0]!r}{more}")
+    unexpected = [
+        k
+        for k in source.keys()
+        if k not in expected
+        and not _IGNORED_KEYS.search(k)
+        and not (k == "lm_head.weight" and config.tie_word_embeddings)
+    ]
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise ValueError(f"checkpoint has unexpected key {unexpected[0]!r}{more}")
+    for s in slots:
+        shape = source.shape(s.key)
+        if shape != s.hf_shape:
+            raise ValueError(f"tensor {s.key!r} has shape {shape}, expected {s.hf_shape}")
+    for s in slots:
+        arr = source.get(s.key)
+        value = jnp.asarray(arr.T if s.transpose else arr, dtype=param_dtype)
+        s.variable.set_value(value)
+        del arr
+    return model
+
+
+def from_pretrained(
+    path_or_name: str | os.PathLike,
+    *,
+    dtype: DTypeLike = jnp.float32,
+    param_dtype: DTypeLike | None = None,
+    precision: jax.lax.PrecisionLike = None,
+) -> LlamaForCausalLM:
+    """Loads a Hugging Face Llama checkpoint as a Flax NNX :class:`LlamaForCausalLM`.
+
+    Args:
+      path_or_name: an HF model directory (``config.json`` + ``model.safetensors`` or a sharded
+        ``model.safetensors.index.json``), a llama ``.gguf`` file, ``"smollm2-135m"`` (the
+        embedded SmolLM2-135M-Instruct, converted and cached on first use, see
+        :mod:`bridge.gguf`), or a Hub repo id (downloaded only when ``huggingface_hub`` is
+        installed and the Hub reachable).
+      dtype: compute dtype.
+      param_dtype: parameter dtype (default: ``dtype``); tensors are cast on load.
+      precision: matmul precision for the model's projections.
+
+    Raises:
+      ValueError: unsupported architecture (the message lists the supported ones), quantized
+        checkpoint, missing / unexpected / mis-shaped tensors (named).
+      FileNotFoundError, OSError: nothing loadable at ``path_or_name``.
+
+    Example:
+
+        >>> model = from_pretrained("smollm2-135m")   # doctest: +SKIP
+        >>> model.config.num_hidden_layers            # doctest: +SKIP
+        30
+    """
+    path = _resolve(path_or_name)
+    if path.is_file():  # .gguf
+        from bridge.gguf import read_gguf
+
+        config_dict, tensors = read_gguf(path)
+        source: Any = _DictSource(tensors)
+    else:
+        config_dict = _read_config(path)
+        source = _SafetensorsSource.from_dir(path)
+    config = LlamaConfig.from_dict(config_dict)
+    try:
+        return model_from_tensors(
+            config, source, dtype=dtype, param_dtype=param_dtype, precision=precision
+        )
+    finally:
+        source.close()
+
+
+def load_tokenizer(path_or_name: str | os.PathLike) -> Any:
+    """The tokenizer of a model directory, a ``.gguf`` file or ``"smollm2-135m"``.
+
+    Returns a ``transformers`` fast tokenizer (``encode`` / ``decode`` / ``__call__``,
+    ``apply_chat_template``); needs ``transformers``. Never runs remote code.
+
+    Example:
+
+        >>> tok = load_tokenizer("smollm2-135m")      # doctest: +SKIP
+        >>> tok.decode(tok.encode("Hello world"))     # doctest: +SKIP
+        'Hello world'
+    """
+    from transformers import AutoTokenizer
+
+    path = _resolve(path_or_name)
+    if path.is_file():
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _is_switch(module: Any) -> bool:
+    """A ``modules_to_save`` style wrapper that forwards to one of several copies."""
+    return hasattr(module, "original_module") and callable(getattr(module, "active_module", None))
+
+
+def _export_tensors(model: nnx.Module) -> dict[str, jax.Array]:
+    """HF key -> torch-layout array of what the forward pass uses.
+
+    A SHiRA wrapper (``base_layer`` + ``effective_kernel()``) exports its kernel with the live
+    adapters applied; a ``modules_to_save`` wrapper exports its active copy.
+    """
+    out: dict[str, jax.Array] = {}
+
+    def visit(module: Any, prefix: str) -> None:
+        if _is_switch(module):
+            visit(module.active_module(), prefix)
+        elif _is_wrapper(module):
+            out[f"{prefix}.weight"] = jnp.asarray(module.effective_kernel()).T
+            bias = getattr(module.base_layer, "bias", None)
+            if bias is not None:
+                out[f"{prefix}.bias"] = bias[...]
+        elif isinstance(module, nnx.Linear):
+            out[f"{prefix}.weight"] = module.kernel[...].T
+            if module.bias is not None:
+                out[f"{prefix}.bias"] = module.bias[...]
+        elif isinstance(module, nnx.Embed):
+            out[f"{prefix}.weight"] = module.embedding[...]
+        elif isinstance(module, LlamaRMSNorm):
+            out[f"{prefix}.weight"] = module.weight[...]
+        else:
+            for name, child in nnx.iter_children(module):
+                if isinstance(child, nnx.Module):
+                    visit(child, f"{prefix}.{name}" if prefix else str(name))
+
+    visit(model, "")
+    return out
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_pretrained(
+    model: LlamaForCausalLM, out_dir: str | os.PathLike, *, dtype: DTypeLike | None = None
+) -> Path:
+    """Writes ``config.json`` + ``model.safetensors`` that ``transformers`` loads.
+
+    Tensors are in torch layout under HF's names, metadata ``{"format": "pt"}``. A layer wrapped
+    by a SHiRA adapter (any module with ``base_layer`` and ``effective_kernel()``) is exported
+    with its active adapters merged in, so the file is a plain dense model. Each file is written
+    to a temporary name and renamed; a stale sharded index in ``out_dir`` is removed.
+
+    Args:
+      model: a :class:`LlamaForCausalLM`, wrapped or not.
+      out_dir: created if missing.
+      dtype: storage dtype (default: each parameter's own dtype).
+
+    Returns:
+      ``out_dir`` as a Path.
+    """
+    from safetensors.numpy import save_file
+
+    config = getattr(model, "config", None)
+    if not isinstance(config, LlamaConfig):
+        raise TypeError(f"save_pretrained needs a LlamaForCausalLM, got {type(model).__name__}")
+    tensors = _export_tensors(model)
+    abstract = _abstract_model(config, jnp.float32, jnp.float32)
+    expected = {s.key: s.hf_shape for s in _slots(abstract)}
+    if set(tensors) != set(expected):
+        extra = sorted(set(tensors) - set(expected))
+        lacking = sorted(set(expected) - set(tensors))
+        raise ValueError(f"cannot export model: unexpected {extra[:3]}, missing {lacking[:3]}")
+    arrays: dict[str, np.ndarray] = {}
+    for key, value in tensors.items():
+        if tuple(value.shape) != expected[key]:
+            raise ValueError(f"{key!r} has shape {tuple(value.shape)}, expected {expected[key]}")
+        if dtype is not None:
+            value = value.astype(dtype)
+        arrays[key] = np.ascontiguousarray(np.asarray(value))
+    dtype_name = str(arrays["model.embed_tokens.weight"].dtype)
+
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(
+        out / SAFE_WEIGHTS_NAME,
+        lambda tmp: save_file(arrays, tmp, metadata={"format": "pt"}),
+    )
+    _atomic_write(
+        out / CONFIG_NAME,
+        lambda tmp: Path(tmp).write_text(
+            json.dumps(config.to_dict(dtype=dtype_name), indent=2, sort_keys=True) + "\n"
+        ),
+    )
+    stale_index = out / SAFE_WEIGHTS_INDEX_NAME
+    if stale_index.is_file():
+        try:
+            shards = set(json.loads(stale_index.read_text()).get("weight_map", {}).values())
+        except ValueError:
+            shards = set()
+        stale_index.unlink()
+        for name in shards:
+            shard = out / name
+            if Path(name).name == name and name != SAFE_WEIGHTS_NAME and shard.is_file():
+                shard.unlink()
+    return out
