@@ -7,7 +7,7 @@ Example:
     32
 """
 
-from shira_jax import functional, masks, ops
+from shira_jax import functional, masks, ops, sharding, stacked
 from shira_jax.checkpoint import load_adapter, save_adapter
 from shira_jax.config import ShiraConfig, matches_target
 from shira_jax.fusion import adapter_orthogonality, awom, awor, fuse_adapters
@@ -31,6 +31,7 @@ from shira_jax.model import (
     set_adapter,
     set_scale,
     shira_layers,
+    switch_adapter,
     unmerge,
 )
 from shira_jax.modules_to_save import ModulesToSave, ShiraModuleParam
@@ -67,6 +68,9 @@ __all__ = [
     "save_adapter",
     "set_adapter",
     "set_scale",
+    "sharding",
     "shira_layers",
+    "stacked",
+    "switch_adapter",
     "unmerge",
 ]

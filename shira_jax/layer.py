@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from shira_jax import ops
+from shira_jax import ops, sharding
 
 
 class ShiraParam(nnx.Param):
@@ -139,8 +140,14 @@ class ShiraDense(nnx.Module):
                 f"of shape {tuple(values.shape)}; they must be [nnz]."
             )
         kind = ShiraParam if active else ShiraFrozenValues
-        self.shira_weight[adapter] = kind(values)
-        self.shira_indices[adapter] = ShiraIndices(idx)
+        # Sharding metadata derived from the kernel's (sharding.adapter_metadata); the arrays
+        # are placed on the kernel's mesh, so nnx.get_partition_spec + jit need nothing else.
+        kernel = self.base_layer.kernel
+        vmeta, imeta = sharding.adapter_metadata(kernel)
+        values = sharding.place_like_kernel(values, kernel.get_value())
+        idx = sharding.place_like_kernel(idx, kernel.get_value())
+        self.shira_weight[adapter] = kind(values, **vmeta)
+        self.shira_indices[adapter] = ShiraIndices(idx, **imeta)
         self.r = {**self.r, adapter: int(r)}
         self.scaling = {**self.scaling, adapter: 1.0}
 
@@ -190,23 +197,69 @@ class ShiraDense(nnx.Module):
             if a in self.shira_weight and a not in self.merged_adapters
         )
 
-    def _patched(self, kernel: jax.Array, adapters: Sequence[str]) -> jax.Array:
-        for a in adapters:
-            kernel = ops.scatter_delta(
-                kernel, self.shira_indices[a][...], self.shira_weight[a][...], self.scaling[a]
-            )
+    def _scatter(self, kernel: Any) -> Any:
+        # shard-local scatter when the kernel is split over a mesh, else ops.scatter_delta
+        return sharding.scatter_fn(self.base_layer.kernel, kernel)
+
+    def _patched(
+        self,
+        kernel: jax.Array,
+        adapters: Sequence[str],
+        indices: Sequence[jax.Array] | None = None,
+        values: Sequence[jax.Array] | None = None,
+    ) -> jax.Array:
+        """`kernel` plus the scaled deltas of `adapters` (their stored indices and values, or
+        the given ones), each rounded once to the kernel's dtype."""
+        scatter = self._scatter(kernel)
+        for i, a in enumerate(adapters):
+            idx = self.shira_indices[a][...] if indices is None else indices[i]
+            vals = self.shira_weight[a][...] if values is None else values[i]
+            kernel = scatter(kernel, idx, vals, self.scaling[a])
         return kernel
 
     def effective_kernel(self) -> jax.Array:
         """The kernel the forward pass uses: base (merged adapters included) + live deltas."""
         return self._patched(self.base_layer.kernel[...], self._live_adapters())
 
+    #: Rebuild the patched kernel in the backward pass instead of keeping one per layer
+    #: (`ops.patched_call`): a SHiRA step then holds no more memory than a LoRA step. Set it to
+    #: False on a layer (or the class) for plain autodiff, e.g. to use forward-mode `jax.jvp`.
+    recompute_in_backward: bool = True
+
     def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
         live = self._live_adapters()
         if not live:
             return self.base_layer(inputs, *args, **kwargs)
-        with _kernel_swapped(self.base_layer, self._patched(self.base_layer.kernel[...], live)):
-            return self.base_layer(inputs, *args, **kwargs)
+        kernel = self.base_layer.kernel[...]
+        if not self.recompute_in_backward:
+            with _kernel_swapped(self.base_layer, self._patched(kernel, live)):
+                return self.base_layer(inputs, *args, **kwargs)
+        # The base layer runs its own call (dtype promotion, precision, bias, extra arguments)
+        # on a pure copy of itself whose kernel is the patched one.
+        graphdef, kernel_state, rest = nnx.split(self.base_layer, _is_kernel, ...)
+        leaves, treedef = jax.tree.flatten((args, kwargs))
+        dynamic = [i for i, leaf in enumerate(leaves) if isinstance(leaf, (jax.Array, np.ndarray))]
+
+        def patch(kernel: jax.Array, indices: Any, values: Any) -> jax.Array:
+            return self._patched(kernel, live, indices, values)
+
+        def apply(kernel: jax.Array, operands: Any) -> jax.Array:
+            x, rest_state, dynamic_leaves = operands
+            call_leaves = list(leaves)
+            for i, leaf in zip(dynamic, dynamic_leaves):
+                call_leaves[i] = leaf
+            call_args, call_kwargs = jax.tree.unflatten(treedef, call_leaves)
+            patched_state = jax.tree.map(lambda _: kernel, kernel_state)
+            return nnx.merge(graphdef, patched_state, rest_state)(x, *call_args, **call_kwargs)
+
+        return ops.patched_call(
+            patch,
+            apply,
+            kernel,
+            tuple(self.shira_indices[a][...] for a in live),
+            tuple(self.shira_weight[a][...] for a in live),
+            (inputs, rest, [leaves[i] for i in dynamic]),
+        )
 
     # ------------------------------------------------------------------ merge
     def plan_merge(
@@ -217,10 +270,16 @@ class ShiraDense(nnx.Module):
         names = tuple(a for a in names if a in self.shira_weight and a not in self.merged_adapters)
         kernel = self.base_layer.kernel[...]
         backups: dict[str, jax.Array] = {}
-        for a in names:
-            idx = self.shira_indices[a][...]
-            backups[a] = kernel[idx[0], idx[1]]
-            kernel = self._patched(kernel, (a,))
+        if self._scatter(kernel) is not ops.scatter_delta:  # a kernel split over a mesh
+            for a in names:
+                idx = self.shira_indices[a][...]
+                backups[a] = kernel[idx[0], idx[1]]
+                kernel = self._patched(kernel, (a,))
+            return kernel, backups, names
+        for a in names:  # one gather per adapter: the saved entries are the ones added to
+            kernel, backups[a] = ops.merge_entries(
+                kernel, self.shira_indices[a][...], self.shira_weight[a][...], self.scaling[a]
+            )
         return kernel, backups, names
 
     def commit_merge(
@@ -248,6 +307,13 @@ class ShiraDense(nnx.Module):
 
     def unmerge(self) -> None:
         """Restore the exact original kernel entries, last merged first."""
+        if not self.merged_adapters:
+            return
+        if _concrete(self.base_layer.kernel.get_value()) and self._scatter(
+            self.base_layer.kernel.get_value()
+        ) is ops.scatter_delta:  # one compiled call, in place when nothing else holds the kernel
+            _run_switch_plans([self._switch_plan(None, None, unmerge_all=True)])
+            return
         kernel = self.base_layer.kernel[...]
         for a in reversed(self.merged_adapters):
             kernel = ops.restore_entries(
@@ -256,6 +322,145 @@ class ShiraDense(nnx.Module):
             del self.merge_backup[a]
         self.base_layer.kernel[...] = kernel
         self.merged_adapters = ()
+
+    # ------------------------------------------------------------------ switching
+    def switch(self, old: str | None, new: str | None, *, safe_merge: bool = False) -> None:
+        """In merged mode, replace merged adapter `old` by `new` in one pass over their entries.
+
+        `old`'s saved entries are written back and `new` is merged (its overwritten entries
+        saved for `unmerge`), in one compiled call that updates the kernel in place (donated)
+        when nothing else holds it: the kernel's other entries are never read or copied.
+        `old=None` only merges `new`; `new=None` only unmerges `old`. `new` takes `old`'s place
+        among the active adapters. Unmerging afterwards still restores the base bit for bit.
+
+        With `safe_merge`, non-finite merged entries are refused and the layer left unchanged.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> from flax import nnx
+            >>> import shira_jax as sj
+            >>> layer = sj.ShiraDense(nnx.Linear(8, 4, rngs=nnx.Rngs(0)))
+            >>> for i, name in enumerate(["a", "b"]):
+            ...     layer.add_adapter(name, sj.masks.random_mask(8, 4, r=1, seed=i), r=1,
+            ...                       init_weights=False)
+            >>> base = layer.base_layer.kernel[...].copy()
+            >>> layer.set_adapter("a"); layer.merge()
+            >>> layer.switch("a", "b")
+            >>> layer.merged_adapters, layer.active_adapters
+            (('b',), ('b',))
+            >>> layer.unmerge(); bool((layer.base_layer.kernel[...] == base).all())
+            True
+        """
+        for name in (old, new):
+            if name is not None:
+                self._require(name)
+        _switch_layers([self], old, new, safe_merge=safe_merge)
+
+    def _switch_plan(
+        self, old: str | None, new: str | None, *, unmerge_all: bool = False
+    ) -> _SwitchPlan:
+        """What `switch(old, new)` writes: entries to restore, adapters to (re)merge."""
+        merged = self.merged_adapters
+        if unmerge_all:
+            undo, redo, order = merged, (), ()
+        elif old is not None and old in merged:
+            # restore old and everything merged after it (their saved entries may include
+            # old's delta), then merge new and re-merge those, so unmerge stays exact
+            pos = merged.index(old)
+            undo = merged[pos:]
+            keep_after = merged[pos + 1 :]
+            add = (new,) if new is not None and new in self.shira_weight and new not in merged else ()
+            redo = add + keep_after
+            order = merged[:pos] + add + keep_after
+        else:
+            undo = ()
+            add = (new,) if new is not None and new in self.shira_weight and new not in merged else ()
+            redo, order = add, merged + add
+        restores = [
+            (self.shira_indices[a][...], self.merge_backup[a][...]) for a in reversed(undo)
+        ]
+        merges = [
+            (self.shira_indices[a][...], self.shira_weight[a][...], self.scaling[a]) for a in redo
+        ]
+        return _SwitchPlan(self, undo, redo, order, restores, merges)
+
+
+class _SwitchPlan:
+    """One layer's part of a switch: restore `undo`, merge `redo`, end with `order` merged."""
+
+    def __init__(self, layer, undo, redo, order, restores, merges) -> None:
+        self.layer, self.undo, self.redo, self.order = layer, undo, redo, order
+        self.restores, self.merges = restores, merges
+
+    @property
+    def empty(self) -> bool:
+        return not self.restores and not self.merges
+
+
+def _sole_owner(variable: nnx.Variable) -> bool:
+    """True when only `variable` holds its array, so donating it changes nothing visible.
+
+    The count covers the Variable, the local name and `getrefcount`'s own argument. A NumPy
+    view of the array makes XLA copy instead of donating, so it is safe as well.
+    """
+    value = variable.get_value()
+    return isinstance(value, jax.Array) and not value.is_deleted() and sys.getrefcount(value) <= 3
+
+
+def _run_switch_plans(plans: list[_SwitchPlan], *, check_finite: bool = False) -> None:
+    """Execute the plans in one compiled call (kernels donated when safely possible) and
+    commit them; with `check_finite`, refuse (raise, nothing changed) on non-finite entries."""
+    plans = [p for p in plans if not p.empty]
+    if not plans:
+        return
+    variables = [p.layer.base_layer.kernel for p in plans]
+    distinct = len({id(v.get_value()) for v in variables}) == len(variables)
+    donate = not check_finite and distinct and all(_sole_owner(v) for v in variables)
+    kernels = [v.get_value() for v in variables]
+    run = ops.switch_kernels if donate else ops.switch_kernels_copy
+    new_kernels, saved = run(kernels, [p.restores for p in plans], [p.merges for p in plans])
+    del kernels
+    if check_finite:
+        bad = [
+            p.layer.layer_name or "?"
+            for p, k in zip(plans, new_kernels)
+            if p.merges and not all(bool(jnp.isfinite(ops.gather_entries(k, m[0])).all()) for m in p.merges)
+        ]
+        if bad:
+            raise ValueError(
+                f"Merging gives non-finite weights in {bad[:3]}; the adapter seems broken. "
+                "Nothing was changed."
+            )
+    for p, kernel, entries in zip(plans, new_kernels, saved):
+        layer = p.layer
+        layer.base_layer.kernel.set_value(kernel)
+        for a in p.undo:
+            del layer.merge_backup[a]
+        for a, e in zip(p.redo, entries):
+            layer.merge_backup[a] = ShiraMergeBackup(e)
+        layer.merged_adapters = p.order
+
+
+def _switch_layers(
+    layers: Sequence[ShiraDense], old: str | None, new: str | None, *, safe_merge: bool = False
+) -> None:
+    """`ShiraDense.switch` over many layers with one compiled call (see `switch_adapter`)."""
+    plans = [layer._switch_plan(old, new) for layer in layers]
+    _run_switch_plans(plans, check_finite=safe_merge)
+    if old is None or new is None:
+        return
+    for layer in layers:
+        if old in layer.active_adapters:
+            active = tuple(dict.fromkeys(new if a == old else a for a in layer.active_adapters))
+            layer.set_adapter(active)
+
+
+def _concrete(value: Any) -> bool:
+    return isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer)
+
+
+def _is_kernel(path: tuple[Any, ...], _: Any) -> bool:
+    return tuple(str(p) for p in path) == ("kernel",)
 
 
 @contextlib.contextmanager

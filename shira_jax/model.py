@@ -405,19 +405,20 @@ def disable_adapter(model: nnx.Module) -> Iterator[nnx.Module]:
     layers = shira_layers(model)
     wrappers = _save_wrappers(model)
     remerge = {path: layer.merged_adapters for path, layer in layers}
+    unmerge(model)
     for _, layer in layers:
-        if layer.merged:
-            layer.unmerge()
         layer.disabled = True
     for _, wrapper in wrappers:
         wrapper.disabled = True
     try:
         yield model
     finally:
+        from shira_jax import stacked
+
         for path, layer in layers:
             layer.disabled = False
             if remerge[path]:
-                layer.merge(remerge[path])
+                stacked.merge(model, remerge[path], layers=[(path, layer)])
         for _, wrapper in wrappers:
             wrapper.disabled = False
 
@@ -428,29 +429,21 @@ def merge(
     """Fold adapters (default: the active ones) into the kernels, keeping what they overwrite.
 
     Every layer is computed first; with `safe_merge` a non-finite result anywhere refuses the
-    whole merge and leaves the model unchanged.
+    whole merge and leaves the model unchanged. Scan-stacked layers merge layer by layer.
     """
+    from shira_jax import stacked
+
     if adapter_names is not None:
         adapter_names = _tuple(adapter_names)
         _require_adapters(model, adapter_names)
-    plans = [(path, layer, layer.plan_merge(adapter_names)) for path, layer in shira_layers(model)]
-    if safe_merge:
-        for path, _, (kernel, _, names) in plans:
-            if names and not bool(jnp.isfinite(kernel).all()):
-                raise ValueError(
-                    f"Merging {list(names)} into {path} gives non-finite weights; the adapter "
-                    "seems broken. Nothing was merged."
-                )
-    for _, layer, (kernel, backups, names) in plans:
-        if names:
-            layer.commit_merge(kernel, backups, names)
+    stacked.merge(model, adapter_names, safe_merge)
 
 
 def unmerge(model: nnx.Module) -> None:
     """Undo every merge, restoring the original kernel entries bit for bit."""
-    for _, layer in shira_layers(model):
-        if layer.merged:
-            layer.unmerge()
+    from shira_jax import stacked
+
+    stacked.unmerge(model)
 
 
 def merge_and_unload(model: nnx.Module, safe_merge: bool = False) -> nnx.Module:
@@ -484,3 +477,45 @@ def delete_adapter(model: nnx.Module, adapter_name: str) -> None:
 
 def _save_wrappers(model: nnx.Module) -> list[tuple[str, ModulesToSave]]:
     return [(p, m) for p, m in named_modules(model) if isinstance(m, ModulesToSave)]
+
+
+def switch_adapter(
+    model: nnx.Module, old: str | None, new: str | None, *, safe_merge: bool = False
+) -> None:
+    """In merged mode, replace merged adapter `old` by `new` everywhere, in one compiled call.
+
+    In every layer `old`'s saved entries are written back and `new` is merged in the same pass
+    (only the `2 * nnz` entries are touched; kernels are updated in place, donated, when
+    nothing else holds them). `new` takes `old`'s place among the active adapters. `old=None`
+    merges `new`; `new=None` unmerges `old`. `unmerge` still restores the base bit for bit.
+    With `safe_merge`, non-finite merged entries refuse the switch and leave the model as it
+    was.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> import shira_jax as sj
+        >>> class MLP(nnx.Module):
+        ...     def __init__(self, rngs):
+        ...         self.up = nnx.Linear(16, 32, rngs=rngs)
+        ...     def __call__(self, x):
+        ...         return self.up(x)
+        >>> model = MLP(nnx.Rngs(0))
+        >>> for i, name in enumerate(["a", "b"]):
+        ...     _ = sj.apply_shira(model, sj.ShiraConfig(r=2, target_modules=["up"],
+        ...                        random_seed=i, init_weights=False), name)
+        >>> sj.merge(model)
+        >>> sj.switch_adapter(model, "a", "b")
+        >>> model.up.merged_adapters, sj.active_adapters(model)
+        (('b',), ('b',))
+    """
+    from shira_jax.layer import _switch_layers
+
+    _require_adapters(model, [n for n in (old, new) if n is not None])
+    layers = [layer for _, layer in shira_layers(model)]
+    previous = active_adapters(model)
+    _switch_layers(layers, old, new, safe_merge=safe_merge)
+    if old is not None and new is not None and old in previous:
+        active = tuple(dict.fromkeys(new if a == old else a for a in previous))
+        for _, wrapper in _save_wrappers(model):
+            wrapper.set_adapter(active)

@@ -3,6 +3,21 @@
 Indices are `[2, nnz]` int32 in kernel layout (`[in, out]`): row 0 is the input (row) index,
 row 1 the output (column) index.
 
+Three kinds of function live here:
+
+* the delta itself: `scatter_delta` (kernel + scaled values, rounded once), `restore_entries`
+  (the exact inverse of a merge) and `dense_delta`;
+* `patched_call`, the training forward: one matmul on the patched kernel whose backward pass
+  recomputes that kernel instead of keeping it, so a SHiRA step holds no more memory than a
+  LoRA step (see BENCHMARKS.md);
+* merged-mode switching: `merge_entries` / `switch_entries` (gather the entries to keep, write
+  the new ones, in one pass) and `switch_kernels`, which switches a whole list of kernels in one
+  compiled, donated call.
+
+16-bit float kernels (bf16, f16) are written through a `uint16` view: XLA's CPU scatter has no
+16-bit float kernel and otherwise converts the whole kernel to float32 and back for a few
+entries. The rounding is unchanged: new entries are computed in float32 and rounded once.
+
 Example:
     >>> import jax.numpy as jnp
     >>> from shira_jax import ops
@@ -10,12 +25,80 @@ Example:
     >>> idx = jnp.array([[0, 1], [2, 0]], jnp.int32)
     >>> ops.scatter_delta(kernel, idx, jnp.array([1.0, 2.0]), 0.5).tolist()
     [[0.0, 0.0, 0.5], [1.0, 0.0, 0.0]]
+    >>> merged, saved = ops.merge_entries(kernel, idx, jnp.array([1.0, 2.0]))
+    >>> bool((ops.restore_entries(merged, idx, saved) == kernel).all())
+    True
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "dense_delta",
+    "gather_entries",
+    "merge_entries",
+    "patched_call",
+    "restore_entries",
+    "scatter_delta",
+    "switch_entries",
+    "switch_kernels",
+    "switch_kernels_copy",
+    "write_entries",
+]
+
+_BITS_VIEW = {2: jnp.uint16}
+
+
+# ----------------------------------------------------------------------------- primitives
+
+
+def _acc_dtype(kernel_dtype: Any, values_dtype: Any) -> Any:
+    return jnp.promote_types(jnp.promote_types(kernel_dtype, values_dtype), jnp.float32)
+
+
+def _bits_dtype(dtype: Any) -> Any | None:
+    """The unsigned view used to scatter a 16-bit float kernel, or None to scatter directly."""
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize in _BITS_VIEW:
+        return _BITS_VIEW[dtype.itemsize]
+    return None
+
+
+def gather_entries(kernel: jax.Array, indices: jax.Array) -> jax.Array:
+    """`kernel[indices[0], indices[1]]` (the entries an adapter touches), in the kernel's dtype."""
+    bits = _bits_dtype(kernel.dtype)
+    if bits is None:
+        return kernel[indices[0], indices[1]]
+    view = jax.lax.bitcast_convert_type(kernel, bits)
+    return jax.lax.bitcast_convert_type(view[indices[0], indices[1]], kernel.dtype)
+
+
+def write_entries(kernel: jax.Array, indices: jax.Array, entries: jax.Array) -> jax.Array:
+    """`kernel` with `entries` (cast to its dtype) written at the unique `indices`.
+
+    A plain scatter-set; 16-bit float kernels go through a same-width unsigned view so XLA
+    writes 2-byte words instead of converting the kernel to float32 and back.
+    """
+    entries = entries.astype(kernel.dtype)
+    rows, cols = indices[0], indices[1]
+    bits = _bits_dtype(kernel.dtype)
+    if bits is None:
+        return kernel.at[rows, cols].set(entries, unique_indices=True)
+    view = jax.lax.bitcast_convert_type(kernel, bits)
+    view = view.at[rows, cols].set(jax.lax.bitcast_convert_type(entries, bits), unique_indices=True)
+    return jax.lax.bitcast_convert_type(view, kernel.dtype)
+
+
+def _added(old: jax.Array, values: jax.Array, scale: Any, out_dtype: Any) -> jax.Array:
+    acc = _acc_dtype(out_dtype, values.dtype)
+    return (old.astype(acc) + jnp.asarray(scale, acc) * values.astype(acc)).astype(out_dtype)
 
 
 def scatter_delta(
@@ -27,16 +110,13 @@ def scatter_delta(
     a bf16 kernel sees one rounding per entry, as PyTorch's in-place add does. Indices must be
     unique (the canonical form every loader produces).
     """
-    rows, cols = indices[0], indices[1]
-    acc_dtype = jnp.promote_types(jnp.promote_types(kernel.dtype, values.dtype), jnp.float32)
-    old = kernel[rows, cols].astype(acc_dtype)
-    new = old + jnp.asarray(scale, acc_dtype) * values.astype(acc_dtype)
-    return kernel.at[rows, cols].set(new.astype(kernel.dtype), unique_indices=True)
+    old = gather_entries(kernel, indices)
+    return write_entries(kernel, indices, _added(old, values, scale, kernel.dtype))
 
 
 def restore_entries(kernel: jax.Array, indices: jax.Array, saved: jax.Array) -> jax.Array:
     """Write back the exact values a merge overwrote (the inverse of a merge, bit for bit)."""
-    return kernel.at[indices[0], indices[1]].set(saved, unique_indices=True)
+    return write_entries(kernel, indices, saved)
 
 
 def dense_delta(
@@ -50,3 +130,183 @@ def dense_delta(
     dtype = dtype or values.dtype
     delta = jnp.zeros(shape, dtype)
     return delta.at[indices[0], indices[1]].add((scale * values).astype(dtype))
+
+
+# ----------------------------------------------------------------------------- merged mode
+
+
+def merge_entries(
+    kernel: jax.Array, indices: jax.Array, values: jax.Array, scale: float | jax.Array = 1.0
+) -> tuple[jax.Array, jax.Array]:
+    """Merge one adapter: `(kernel + scale * delta, the entries it overwrote)`, one gather.
+
+    The second result is what `restore_entries` needs to undo the merge bit for bit.
+    """
+    saved = gather_entries(kernel, indices)
+    return write_entries(kernel, indices, _added(saved, values, scale, kernel.dtype)), saved
+
+
+def switch_entries(
+    kernel: jax.Array,
+    old_indices: jax.Array | None,
+    old_saved: jax.Array | None,
+    new_indices: jax.Array | None,
+    new_values: jax.Array | None,
+    new_scale: float | jax.Array = 1.0,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Swap a merged adapter for another: restore the old one's entries, then merge the new one.
+
+    Either half may be None (pure unmerge / pure merge). Returns the kernel and the entries the
+    new adapter overwrote (None without one). Inside `jax.jit` with the kernel donated this is
+    one in-place pass over `2 * nnz` entries; the kernel's other entries are never read.
+    """
+    if old_indices is not None:
+        kernel = restore_entries(kernel, old_indices, old_saved)
+    if new_indices is None:
+        return kernel, None
+    return merge_entries(kernel, new_indices, new_values, new_scale)
+
+
+def _switch_body(
+    kernels: list[jax.Array], restores: list[Any], merges: list[Any]
+) -> tuple[list[jax.Array], list[Any]]:
+    out_kernels, out_saved = [], []
+    for kernel, restore, merge in zip(kernels, restores, merges):
+        for idx, saved in restore:
+            kernel = restore_entries(kernel, idx, saved)
+        saved_now = []
+        for idx, values, scale in merge:
+            kernel, saved = merge_entries(kernel, idx, values, scale)
+            saved_now.append(saved)
+        out_kernels.append(kernel)
+        out_saved.append(saved_now)
+    return out_kernels, out_saved
+
+
+_switch_donated = jax.jit(_switch_body, donate_argnums=(0,))
+_switch_copied = jax.jit(_switch_body)
+
+
+def _switch_args(restores: Any, merges: Any) -> tuple[list[Any], list[Any]]:
+    restores = [[(i, s) for i, s in r] for r in restores]
+    merges = [[(i, v, jnp.asarray(s, jnp.float32)) for i, v, s in m] for m in merges]
+    return restores, merges
+
+
+def switch_kernels(
+    kernels: Sequence[jax.Array],
+    restores: Sequence[Sequence[tuple[jax.Array, jax.Array]]],
+    merges: Sequence[Sequence[tuple[jax.Array, jax.Array, float | jax.Array]]],
+) -> tuple[list[jax.Array], list[list[jax.Array]]]:
+    """Switch many kernels in one compiled call that DONATES them (they are updated in place).
+
+    For kernel `i`, first every `(indices, saved)` of `restores[i]` is written back (in the
+    order given: pass the last merged adapter first), then every `(indices, values, scale)` of
+    `merges[i]` is merged. Returns the new kernels and, per kernel, the entries each merge
+    overwrote. The input kernel arrays are invalid afterwards (donated), so the caller must
+    hold no other reference it still wants to read; `switch_kernels_copy` leaves them alone.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from shira_jax import ops
+        >>> idx = jnp.array([[0, 1], [1, 0]], jnp.int32)
+        >>> (k,), ((saved,),) = ops.switch_kernels([jnp.ones((2, 2))], [[]],
+        ...                                       [[(idx, jnp.array([1.0, 2.0]), 1.0)]])
+        >>> k.tolist(), saved.tolist()
+        ([[1.0, 2.0], [3.0, 1.0]], [1.0, 1.0])
+    """
+    return _switch_donated(list(kernels), *_switch_args(restores, merges))
+
+
+def switch_kernels_copy(
+    kernels: Sequence[jax.Array],
+    restores: Sequence[Sequence[tuple[jax.Array, jax.Array]]],
+    merges: Sequence[Sequence[tuple[jax.Array, jax.Array, float | jax.Array]]],
+) -> tuple[list[jax.Array], list[list[jax.Array]]]:
+    """`switch_kernels` without donation: new kernels are written to new buffers."""
+    return _switch_copied(list(kernels), *_switch_args(restores, merges))
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def patched_call(
+    patch: Callable[[jax.Array, Any, Any], jax.Array],
+    apply: Callable[[jax.Array, Any], Any],
+    kernel: jax.Array,
+    indices: Any,
+    values: Any,
+    operands: Any,
+) -> Any:
+    """`apply(patch(kernel, indices, values), operands)`, without keeping the patched kernel.
+
+    Plain autodiff of a patched matmul keeps each layer's patched kernel (an `[in, out]` copy)
+    alive from the forward pass to the backward pass. Here the backward pass only keeps the
+    inputs (the frozen kernel, which is alive anyway, the indices, the values and the operands:
+    the layer input is needed for the values' gradient in any case) and rebuilds the patched
+    kernel when the output cotangent arrives. The rebuilt forward matmul is dead code and XLA
+    drops it, so the step does the same matmuls as plain autodiff, plus one kernel copy and one
+    scatter per adapted layer. The kernel copies are tied by data to the first leaf of
+    `operands` (forward) and to the cotangent (backward), see `_after`: put the layer's
+    input first in `operands`.
+
+    `patch(kernel, indices, values)` must be a pure function of arrays, and so must
+    `apply(kernel, operands)`. Gradients flow to `kernel`, `values` and `operands`; forward-mode
+    differentiation (`jax.jvp`) is not available through this function.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from shira_jax import ops
+        >>> idx = jnp.array([[0, 1], [1, 0]], jnp.int32)
+        >>> patch = lambda k, i, v: ops.scatter_delta(k, i, v)
+        >>> f = lambda v, x: ops.patched_call(patch, lambda k, x: x @ k, jnp.eye(2), idx, v, x)
+        >>> jax.grad(lambda v: f(v, jnp.ones((1, 2))).sum())(jnp.zeros(2)).tolist()
+        [1.0, 1.0]
+    """
+    return _patched_call(patch, apply, kernel, indices, values, operands)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _patched_call(patch, apply, kernel, indices, values, operands):
+    kernel, indices = _after(kernel, indices, operands)
+    return apply(patch(kernel, indices, values), operands)
+
+
+def _patched_call_fwd(patch, apply, kernel, indices, values, operands):
+    out = _patched_call(patch, apply, kernel, indices, values, operands)
+    return out, (kernel, indices, values, operands)
+
+
+def _after(kernel: jax.Array, indices: Any, tree: Any) -> tuple[jax.Array, Any]:
+    """A copy of `kernel` and the indices, bit for bit, that XLA can only compute once the
+    first leaf of `tree` exists.
+
+    Adding -0.0 leaves every float as it is (NaN included) and costs what the copy costs; the
+    indices pass through a `minimum` with a bound above any index. Without this data dependency
+    XLA hoists every layer's patched copy (and the scatter's index layout) to the start of the
+    program, where all of them are alive at once, and merges the backward pass's rebuild with
+    the forward pass's (common-subexpression elimination; optimisation barriers are dropped on
+    CPU), which keeps them alive across the whole step.
+    """
+    finite = jnp.all(jnp.isfinite(jnp.asarray(jax.tree.leaves(tree)[0]).reshape(-1)[:1]))
+    negative_zero = finite.astype(jnp.float32) * jnp.float32(-0.0)
+    bound = jnp.where(finite, jnp.int32(2**31 - 1), jnp.int32(2**31 - 2))
+    indices = jax.tree.map(lambda i: jnp.minimum(i, bound.astype(i.dtype)), indices)
+    return kernel + negative_zero.astype(kernel.dtype), indices
+
+
+def _patched_call_bwd(patch, apply, residuals, cotangent):
+    kernel, indices, values, operands = residuals
+    # Rebuild the patched kernel once the cotangent exists (never in the forward pass).
+    kernel, indices = _after(kernel, indices, cotangent)
+
+    def f(kernel: jax.Array, values: Any, operands: Any) -> Any:
+        return apply(patch(kernel, indices, values), operands)
+
+    _, vjp = jax.vjp(f, kernel, values, operands)
+    d_kernel, d_values, d_operands = vjp(cotangent)
+    d_indices = jax.tree.map(lambda i: np.zeros(np.shape(i), jax.dtypes.float0), indices)
+    return d_kernel, d_indices, d_values, d_operands
+
+
+_patched_call.defvjp(_patched_call_fwd, _patched_call_bwd)
