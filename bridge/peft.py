@@ -15,6 +15,12 @@ sorted by `in_idx * out + out_idx`), so rows swap and values are permuted both w
 (:func:`kernel_to_torch_order`, :func:`torch_to_kernel_order`). Module paths are the same
 dotted names on both sides (`model.layers.0.self_attn.q_proj`).
 
+Scan-stacked layers (`shira_jax.stacked`: one `ShiraDense` with values `[L, nnz]` for the
+`nnx.vmap`-created blocks under `stack_name`, "layers" by default) are written one layer per
+key, `<prefix>.layers.N.<rest>`, exactly as PEFT names the layers of the equivalent torch
+`nn.ModuleList`; a load restacks them (every layer 0..L-1 must be present, with the same
+number of entries, as a stacked adapter holds one `[L, nnz]` array).
+
 Only safetensors is read (never pickle). A load reads and checks everything first; on any
 error the model is left exactly as it was. Writes go to a temporary file in the target
 folder, renamed into place.
@@ -53,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from shira_jax import masks
+from shira_jax import masks, stacked
 from shira_jax.checkpoint import adapter_arrays, saved_module_arrays
 from shira_jax.config import _EXTRA_KEY, ShiraConfig, resolve_targets
 from shira_jax.layer import ShiraDense, ShiraFrozenValues
@@ -374,6 +380,7 @@ def load_peft_adapter(
     adapter_name: str = "default",
     *,
     dtype: Any = None,
+    stack_name: str = "layers",
 ) -> None:
     """Load a PEFT SHiRA adapter folder into an NNX model, in place (PEFT -> JAX).
 
@@ -381,6 +388,9 @@ def load_peft_adapter(
     under the same dotted names. Indices are converted from torch order to kernel layout;
     integral float indices are accepted and duplicate positions summed. `modules_to_save`
     params are copied into the adapter's own copy of those modules (transposed for Linear).
+    Keys `<prefix>.<stack_name>.N.<rest>` of a scan-stacked layer `<prefix>.<stack_name>.<rest>`
+    are restacked into its `[L, nnz]` adapter: the file must hold every layer, each with the
+    same number of entries (after duplicate positions are summed).
 
     Everything is read and checked before the model changes: on any error the model is
     exactly as it was.
@@ -391,6 +401,7 @@ def load_peft_adapter(
             `directory/<adapter_name>` holding an adapter is preferred (PEFT's layout).
         adapter_name: the name the adapter gets in `model`.
         dtype: dtype of the loaded SHiRA values (default float32, as PEFT stores them).
+        stack_name: the attribute holding scan-stacked blocks (`layers.N` in the file).
 
     Raises:
         AdapterFileNotFoundError: (a FileNotFoundError and a ValueError) no folder,
@@ -420,25 +431,84 @@ def load_peft_adapter(
     modules = dict(named_modules(model))
     indices: dict[str, np.ndarray] = {}
     values: dict[str, np.ndarray] = {}
+    stacks: dict[str, dict[int, str]] = {}  # stacked module path -> {layer: path in the file}
     for path, arrays in layers.items():
-        shape = _linear_kernel_shape(modules, path, source)
+        shape, hit = _target_kernel_shape(modules, path, source, stack_name)
         indices[path], values[path] = torch_to_kernel_order(
             arrays["indices"], arrays["values"], shape, layer_name=f"{path} in {source}"
         )
+        if hit is not None:
+            stacks.setdefault(hit[0], {})[hit[1]] = path
+    _check_stacks(modules, stacks, indices, source, stack_name)
     module_values = _check_modules_to_save(modules, config, other, adapter_name, source)
     _warn_stray(stray, source)
 
     # ---- everything is checked; apply_shira validates again before it touches the model.
-    apply_shira(model, config, adapter_name, indices=indices, values=values)
+    if stacks:
+        stacked.apply_shira_stacked(
+            model, config, adapter_name, indices=indices, values=values, stack_name=stack_name
+        )
+    else:
+        apply_shira(model, config, adapter_name, indices=indices, values=values)
     if dtype is not None:
+        targets = set(values) | set(stacks)
         for path, layer in shira_layers(model):
-            if path in values:
+            if path in targets:
                 variable = layer.shira_weight[adapter_name]
                 variable.set_value(variable[...].astype(dtype))
     for path, params in module_values.items():
         copy = get_submodule(model, path).modules_to_save[adapter_name]
         for var_path, array in params.items():
             _variable(copy, var_path)[...] = array
+
+
+def _target_kernel_shape(
+    modules: dict[str, nnx.Module], path: str, source: str, stack_name: str
+) -> tuple[tuple[int, int], tuple[str, int] | None]:
+    """`(in, out)` of the layer a file path names, and `(stacked path, layer)` when that path
+    is one layer (`stack_name.N`) of a scan-stacked layer of the model, else None."""
+    hit = None if path in modules else stacked.stacked_path(path, stack_name)
+    node = None if hit is None else modules.get(hit[0])
+    base = node.base_layer if isinstance(node, ShiraDense) else node
+    if not (isinstance(base, nnx.Linear) and stacked.is_stacked(base)):
+        return _linear_kernel_shape(modules, path, source), None
+    n_layers, n_in, n_out = (int(s) for s in base.kernel.shape)
+    if hit[1] >= n_layers:
+        raise KeyError(
+            f"{source}: key {KEY_PREFIX}{path}.{WEIGHT} is for layer {hit[1]} of the scan-stacked "
+            f"layer {hit[0]!r}, which has {n_layers} layers. Was the adapter made for a deeper "
+            "model?"
+        )
+    return (n_in, n_out), hit
+
+
+def _check_stacks(
+    modules: dict[str, nnx.Module],
+    stacks: Mapping[str, Mapping[int, str]],
+    indices: Mapping[str, np.ndarray],
+    source: str,
+    stack_name: str,
+) -> None:
+    """A stacked layer holds one `[L, nnz]` adapter: every layer present, one nnz."""
+    for path, found in stacks.items():
+        n_layers = stacked.num_layers(modules[path])
+        missing = sorted(set(range(n_layers)) - set(found))
+        if missing:
+            names = [stacked.unstacked_path(path, i, stack_name) for i in missing[:3]]
+            raise ValueError(
+                f"{source}: the scan-stacked layer {path!r} has {n_layers} layers, but the file "
+                f"has no SHiRA keys for layers {missing} (e.g. {KEY_PREFIX}{names[0]}.{WEIGHT}). "
+                "A stacked layer gets an adapter in every layer; load it into a model with "
+                "per-layer modules instead."
+            )
+        sizes = {i: int(indices[found[i]].shape[1]) for i in sorted(found)}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(
+                f"{source}: the layers of the scan-stacked layer {path!r} have different numbers "
+                f"of SHiRA entries (layer: nnz {sizes}, counted after duplicate positions are "
+                "summed); a stacked adapter holds one [L, nnz] array, so every layer needs the "
+                "same nnz. Load it into a model with per-layer modules instead."
+            )
 
 
 def _linear_kernel_shape(modules: dict[str, nnx.Module], path: str, source: str) -> tuple[int, int]:
@@ -452,6 +522,11 @@ def _linear_kernel_shape(modules: dict[str, nnx.Module], path: str, source: str)
     module = modules[path]
     base = module.base_layer if isinstance(module, ShiraDense) else module
     kernel = getattr(base, "kernel", None)
+    if isinstance(base, nnx.Linear) and stacked.is_stacked(base):
+        raise ValueError(
+            f"{source}: SHiRA keys for {path!r}, a scan-stacked layer; PEFT files name its layers "
+            "one by one (`<prefix>.layers.N.<rest>`), never the stacked path."
+        )
     if not isinstance(base, nnx.Linear) or kernel is None or kernel.ndim != 2:
         raise ValueError(
             f"{source}: SHiRA keys for {path!r}, but that module is a {type(module).__name__}, "
@@ -526,6 +601,7 @@ def save_peft_adapter(
     adapter_name: str = "default",
     *,
     base_model_name_or_path: str | None = None,
+    stack_name: str = "layers",
 ) -> None:
     """Save one adapter as a PEFT SHiRA folder that `PeftModel.from_pretrained` loads (JAX -> PEFT).
 
@@ -533,20 +609,25 @@ def save_peft_adapter(
     `shira_indices [2, nnz]` in torch order, modules_to_save params with torch names, metadata
     `{"format": "pt"}`) and `adapter_config.json`. As PEFT's `save_pretrained`, an adapter not
     named "default" goes to the subfolder `directory/<adapter_name>`. Each file is written to
-    a temporary name in its folder and renamed into place.
+    a temporary name in its folder and renamed into place. A scan-stacked layer
+    (`<prefix>.<stack_name>.<rest>`, values `[L, nnz]`) is written as L per-layer keys
+    `<prefix>.<stack_name>.N.<rest>`, as PEFT names the layers of the torch `nn.ModuleList`.
 
     Args:
         model: an NNX model with the adapter.
         directory: output folder (created).
         adapter_name: which adapter; also the subfolder name unless "default".
         base_model_name_or_path: written to the config (default: the adapter config's).
+        stack_name: the attribute holding scan-stacked blocks (`layers.N` in the file).
     """
     check_adapter_name(adapter_name)
-    layers = adapter_arrays(model, adapter_name)
-    shapes = {p: tuple(m.base_layer.kernel.shape) for p, m in shira_layers(model) if p in layers}
+    arrays = adapter_arrays(model, adapter_name)
+    found = {p: m for p, m in shira_layers(model) if p in arrays}
+    layers, shapes = _per_layer_arrays(found, arrays, stack_name)
     modules = saved_module_arrays(model, adapter_name)
+    _refuse_stacked_modules_to_save(found, modules, stack_name)
     config = adapter_configs(model).get(adapter_name)
-    ranks = {p: m.r[adapter_name] for p, m in shira_layers(model) if p in layers}
+    ranks = {p: m.r[adapter_name] for p, m in found.items()}
     if config is None:
         config = ShiraConfig(
             r=max(ranks.values()), mask_type="custom", mask_fn=_no_mask_fn, target_modules=()
@@ -559,10 +640,52 @@ def save_peft_adapter(
     r = next(iter(ranks.values()))
     check_peft_budget(shapes, layers, r)
     tensors = peft_tensors(layers, shapes, modules)
-    data = peft_config_dict(config, targets=_peft_targets(model, config, list(layers)), r=r)
+    targets = _peft_targets(model, config, list(layers), stack_name)
+    data = peft_config_dict(config, targets=targets, r=r)
     if base_model_name_or_path is not None:
         data["base_model_name_or_path"] = base_model_name_or_path
     write_peft_dir(peft_output_folder(directory, adapter_name), tensors, data)
+
+
+def _per_layer_arrays(
+    found: Mapping[str, ShiraDense],
+    arrays: Mapping[str, Mapping[str, np.ndarray]],
+    stack_name: str,
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, tuple[int, int]]]:
+    """`(path -> {"values", "indices"}, path -> (in, out))` with PEFT's per-layer paths: each
+    scan-stacked layer is split into `stack_name.N` paths; other layers keep theirs."""
+    layers: dict[str, dict[str, np.ndarray]] = {}
+    shapes: dict[str, tuple[int, int]] = {}
+    for path, layer in found.items():
+        shape = tuple(layer.base_layer.kernel.shape)
+        if not stacked.is_stacked(layer):
+            layers[path], shapes[path] = dict(arrays[path]), shape
+            continue
+        for i in range(shape[0]):
+            name = stacked.unstacked_path(path, i, stack_name)
+            layers[name] = {k: v[i] for k, v in arrays[path].items()}
+            shapes[name] = shape[1:]
+    return layers, shapes
+
+
+def _refuse_stacked_modules_to_save(
+    found: Mapping[str, ShiraDense], modules: Mapping[str, Any], stack_name: str
+) -> None:
+    """A modules_to_save copy inside (or around) the scan-stacked blocks holds `[L, ...]`
+    params, which no PEFT key names; refuse instead of writing a file PEFT cannot load."""
+    roots = set()
+    for path, layer in found.items():
+        parts = path.split(".")
+        if stacked.is_stacked(layer) and stack_name in parts:
+            roots.add(".".join(parts[: parts.index(stack_name) + 1]))
+    for path in modules:
+        for root in roots:
+            if path == root or path.startswith(root + ".") or root.startswith(path + "."):
+                raise ValueError(
+                    f"modules_to_save {path} overlaps the scan-stacked blocks at {root}; their "
+                    "[L, ...] params have no per-layer PEFT keys. Only modules outside the stack "
+                    "can be saved for PEFT."
+                )
 
 
 def peft_output_folder(directory: str | os.PathLike, adapter_name: str) -> Path:
@@ -652,13 +775,24 @@ def peft_config_dict(
     return dict(sorted(data.items()))
 
 
-def _peft_targets(model: nnx.Module, config: ShiraConfig, paths: list[str]) -> Any:
+def _peft_targets(
+    model: nnx.Module, config: ShiraConfig, paths: list[str], stack_name: str = "layers"
+) -> Any:
     """The config's target_modules if they select exactly the adapter's layers, else the list
-    of layer paths (so that PEFT wraps exactly the layers that the file has keys for)."""
+    of layer paths (so that PEFT wraps exactly the layers that the file has keys for). Matching
+    is done on the per-layer names PEFT sees (scan-stacked layers as `stack_name.N` paths)."""
     if config.target_modules != ():
-        linear = [p for p, m in named_modules(model) if isinstance(m, (nnx.Linear, ShiraDense))]
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         try:
+            linear = []
+            for p, m in named_modules(model):
+                if not isinstance(m, (nnx.Linear, ShiraDense)):
+                    continue
+                if stacked.is_stacked(m):
+                    n = stacked.num_layers(m)
+                    linear += [stacked.unstacked_path(p, i, stack_name) for i in range(n)]
+                else:
+                    linear.append(p)
             chosen = resolve_targets(config, linear, model_type=model_type)
         except ValueError:
             chosen = None

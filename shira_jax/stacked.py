@@ -59,6 +59,7 @@ from shira_jax.model import (
     set_submodule,
     shira_layers,
 )
+from shira_jax.modules_to_save import select_modules_to_save, wrap_modules_to_save
 
 __all__ = [
     "apply_shira_stacked",
@@ -265,6 +266,12 @@ def apply_shira_stacked(
         given = {}
     stacked_targets = [t for t in targets if is_stacked(modules[t])]
     flat_targets = [t for t in targets if t not in stacked_targets]
+    # apply_shira wraps modules_to_save along with the flat targets; with none, do it here.
+    save_paths = (
+        select_modules_to_save(modules, config.modules_to_save)
+        if config.modules_to_save and not flat_targets
+        else []
+    )
     for t in stacked_targets:
         node = modules[t]
         if isinstance(node, ShiraDense) and adapter_name in node.adapter_names:
@@ -335,6 +342,7 @@ def apply_shira_stacked(
     for path in stacked_targets:
         idx, vals = plans[path]
         _add_stacked(model, path, modules[path], adapter_name, config.r, idx, vals, active)
+    wrap_modules_to_save(model, save_paths, adapter_name, active)
     model.shira_configs = {**adapter_configs(model), adapter_name: config}
     return model
 
