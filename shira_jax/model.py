@@ -57,16 +57,15 @@ def _dotted(path: tuple[Any, ...]) -> str:
 
 def named_modules(model: nnx.Module) -> Iterator[tuple[str, nnx.Module]]:
     """(dotted path, module) pairs, without the insides of SHiRA wrappers."""
-    hidden: list[str] = []
-    for path, node in nnx.iter_graph(model):
-        if not isinstance(node, nnx.Module) or not path:
-            continue
-        name = _dotted(path)
-        if any(name.startswith(h + ".") for h in hidden):
-            continue
-        if isinstance(node, (ShiraDense, ModulesToSave)):
-            hidden.append(name)
-        yield name, node
+    modules = [
+        (_dotted(path), node)
+        for path, node in nnx.iter_graph(model)
+        if path and isinstance(node, nnx.Module)
+    ]
+    wrappers = [name for name, node in modules if isinstance(node, (ShiraDense, ModulesToSave))]
+    for name, node in modules:
+        if not any(name.startswith(w + ".") for w in wrappers):
+            yield name, node
 
 
 def shira_layers(model: nnx.Module) -> list[tuple[str, ShiraDense]]:
@@ -479,14 +478,15 @@ def _save_wrappers(model: nnx.Module) -> list[tuple[str, ModulesToSave]]:
     return [(p, m) for p, m in named_modules(model) if isinstance(m, ModulesToSave)]
 
 
+
 def switch_adapter(
     model: nnx.Module, old: str | None, new: str | None, *, safe_merge: bool = False
 ) -> None:
-    """In merged mode, replace merged adapter `old` by `new` everywhere, in one compiled call.
+    """In merged mode, replace merged adapter `old` by `new` in every layer, in one pass each.
 
-    In every layer `old`'s saved entries are written back and `new` is merged in the same pass
-    (only the `2 * nnz` entries are touched; kernels are updated in place, donated, when
-    nothing else holds them). `new` takes `old`'s place among the active adapters. `old=None`
+    In every layer `old`'s saved entries are written back and `new` is merged in the same
+    compiled pass (only the `2 * nnz` entries are touched; kernels are updated in place,
+    donated, when nothing else holds them). `new` takes `old`'s place among the active adapters. `old=None`
     merges `new`; `new=None` unmerges `old`. `unmerge` still restores the base bit for bit.
     With `safe_merge`, non-finite merged entries refuse the switch and leave the model as it
     was.
@@ -511,11 +511,51 @@ def switch_adapter(
     """
     from shira_jax.layer import _switch_layers
 
-    _require_adapters(model, [n for n in (old, new) if n is not None])
-    layers = [layer for _, layer in shira_layers(model)]
-    previous = active_adapters(model)
+    layers, wrappers = _wrappers_fast(model)
+    known = set(adapter_configs(model))
+    for layer in layers:
+        known.update(layer.adapter_names)
+    missing = [n for n in (old, new) if n is not None and n not in known]
+    if missing:
+        raise KeyError(f"No adapter named {missing} in this model; it has {sorted(known)}.")
+    previous = layers[0].active_adapters if layers else ()
     _switch_layers(layers, old, new, safe_merge=safe_merge)
     if old is not None and new is not None and old in previous:
         active = tuple(dict.fromkeys(new if a == old else a for a in previous))
-        for _, wrapper in _save_wrappers(model):
+        for wrapper in wrappers:
             wrapper.set_adapter(active)
+
+
+def _wrappers_fast(model: nnx.Module) -> tuple[list[ShiraDense], list[ModulesToSave]]:
+    """Every ShiraDense and ModulesToSave of `model`, by a direct walk over module attributes.
+
+    `shira_layers` walks every Variable of the graph (and matches paths pairwise), which takes
+    ~0.4 s on a 30-layer model; switching needs only the wrappers themselves.
+    """
+    layers: list[ShiraDense] = []
+    wrappers: list[ModulesToSave] = []
+    seen: set[int] = set()
+    stack: list[Any] = [model]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, ShiraDense):
+            layers.append(node)
+            continue
+        if isinstance(node, ModulesToSave):
+            wrappers.append(node)
+            continue
+        if isinstance(node, nnx.Module):
+            children = [v for k, v in vars(node).items() if not k.startswith("_pytree__")]
+        elif isinstance(node, (list, tuple)):
+            children = list(node)
+        elif isinstance(node, dict):
+            children = list(node.values())
+        else:
+            continue
+        stack.extend(
+            c for c in reversed(children) if isinstance(c, (nnx.Module, list, tuple, dict))
+        )
+    return layers, wrappers

@@ -342,3 +342,12 @@ def test_modules_to_save_train_and_switch(x):
         np.testing.assert_allclose(model(x), MLP()(x), rtol=1e-6, atol=1e-6)
     sj.merge_and_unload(model)
     assert type(model.lin3) is nnx.Linear
+
+
+def test_second_all_linear_adapter_wraps_each_layer_once(mlp):
+    sj.apply_shira(mlp, cfg(target_modules="all-linear", random_seed=0), "a")
+    sj.apply_shira(mlp, cfg(target_modules="all-linear", random_seed=1), "b")
+    layers = sj.shira_layers(mlp)
+    assert [p for p, _ in layers] == ["lin0", "lin1", "lin2", "lin3"]
+    assert all(layer.adapter_names == ("a", "b") for _, layer in layers)
+    assert all(type(layer.base_layer) is nnx.Linear for _, layer in layers)
