@@ -192,7 +192,7 @@ def load_adapter(
 
     from shira_jax.stacked import apply_shira_stacked
 
-    source = epath.Path(directory)
+    source = epath.Path(directory if "://" in str(directory) else os.path.abspath(directory))
     meta_path = source / META_FILE
     if not meta_path.exists():
         raise FileNotFoundError(

@@ -129,3 +129,12 @@ def test_modules_to_save_round_trip(tmp_path, x):
     fresh = MLP()
     sj.load_adapter(fresh, tmp_path / "ck")
     np.testing.assert_allclose(fresh(x), out, rtol=1e-6, atol=1e-6)
+
+
+def test_relative_paths(tmp_path, monkeypatch, x):
+    monkeypatch.chdir(tmp_path)
+    model = trained()
+    sj.save_adapter(model, "runs/ck", adapter_name="first")
+    fresh = MLP()
+    sj.load_adapter(fresh, "runs/ck")
+    np.testing.assert_array_equal(fresh(x), model(x))
