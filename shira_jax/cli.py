@@ -121,6 +121,8 @@ def _finetune(args: argparse.Namespace) -> int:
         calib_batches=args.calib_batches,
         log_every=args.log_every,
         export_peft=not args.no_peft,
+        mesh=args.mesh,
+        distributed=args.distributed,
     )
     result = finetune.run(cfg, progress=not args.no_progress)
     if result.interrupted:
@@ -346,6 +348,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=d.log_every,
         help="print the loss every N steps (0: ten times per run)",
+    )
+    ft.add_argument(
+        "--mesh",
+        default=d.mesh,
+        metavar="AXES",
+        help='train on a device mesh, e.g. "data=2,model=4" (data: batch split, model: '
+        "tensor parallel, fsdp: both; one size may be -1); default: one device",
+    )
+    ft.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() first (multi-host; needs --mesh)",
     )
     ft.add_argument("--no-peft", action="store_true", help="skip the PEFT export")
     ft.add_argument("--no-progress", action="store_true", help="no progress bar")

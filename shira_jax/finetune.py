@@ -11,6 +11,10 @@ buffers, evaluate before and after, checkpoint periodically (`--resume` continue
     OUT/peft/            the adapter as a PEFT SHiRA folder (`PeftModel.from_pretrained`)
     OUT/checkpoint/      adapter + optimizer state + step, for `--resume`
 
+With `--mesh data=2,model=4` (any axes, see `shira_jax.sharding`) the model, adapter,
+optimizer state and batches are placed on a device mesh and the steps run under it;
+`--distributed` first calls `jax.distributed.initialize()` (one process per host).
+
 The model side (`bridge.from_pretrained`, PEFT export) is imported lazily inside functions, so
 `import shira_jax` never imports torch. The pieces (`lm_loss`, `make_optimizer`,
 `check_adapter_fits`, `save_train_checkpoint`, ...) are usable on their own.
@@ -26,6 +30,7 @@ Example (the pieces; the whole job is `run(FinetuneConfig(...))` or `shira-jax f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -47,6 +52,7 @@ import optax
 from flax import nnx
 
 from shira_jax import data as data_lib
+from shira_jax import sharding
 from shira_jax.checkpoint import load_adapter, save_adapter
 from shira_jax.config import ALL_LINEAR, MASK_TYPES, ShiraConfig, resolve_targets
 from shira_jax.layer import ShiraDense, ShiraParam
@@ -96,6 +102,8 @@ class FinetuneConfig:
     log_every: int = 0
     adapter_name: str = "default"
     export_peft: bool = True
+    mesh: str | None = None
+    distributed: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """The flags as JSON data; `targets` normalized ("q_proj,v_proj" -> a list)."""
@@ -540,6 +548,26 @@ def validate(cfg: FinetuneConfig) -> None:
     except (FileNotFoundError, ValueError) as err:
         raise FinetuneError(str(err)) from err
     shira_config(cfg, None)  # mask / r / targets syntax
+    if cfg.distributed and not cfg.mesh:
+        raise FinetuneError("--distributed needs --mesh (e.g. --mesh data=-1)")
+    if cfg.mesh:
+        try:
+            sizes = sharding.parse_mesh(cfg.mesh)
+        except ValueError as err:
+            raise FinetuneError(f"--mesh: {err}") from None
+        _check_batch_split(cfg.batch_size, sizes)
+
+
+def _check_batch_split(batch_size: int, sizes: dict[str, int]) -> None:
+    """--batch-size must divide by the product of the mesh's batch axes (data, fsdp)."""
+    axes = {a: n for a, n in sizes.items() if a in ("data", "fsdp") and n != -1}
+    split = math.prod(axes.values())
+    if batch_size % split:
+        shown = "*".join(f"{a}={n}" for a, n in axes.items())
+        raise FinetuneError(
+            f"--batch-size {batch_size} does not divide by the mesh's batch axes "
+            f"({shown} = {split})"
+        )
 
 
 def _check_resume(cfg: FinetuneConfig, ckpt_dir: Path) -> dict[str, Any]:
@@ -612,6 +640,9 @@ def run(
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     validate(cfg)
+    if cfg.distributed and not jax.distributed.is_initialized():
+        jax.distributed.initialize()  # before any device use
+    is_main = jax.process_index() == 0
     out = Path(cfg.out).expanduser()
     ckpt_dir = out / CHECKPOINT_DIR
     resume_meta = _check_resume(cfg, ckpt_dir) if cfg.resume else None
@@ -631,6 +662,16 @@ def run(
     model = load_model(model_path, cfg.dtype)
     targets = check_adapter_fits(model, shira_cfg)  # instant; checks a GGUF model too
     keep_float32(model, targets)
+    mesh = None
+    if cfg.mesh:
+        try:
+            mesh = sharding.make_mesh(cfg.mesh)
+        except ValueError as err:
+            raise FinetuneError(f"--mesh: {err}") from None
+        rules, batch_axes = sharding.mesh_rules(mesh)
+        _check_batch_split(cfg.batch_size, dict(mesh.shape))
+        sharding.annotate(model, rules, mesh=mesh)
+        log(f"mesh    {dict(mesh.shape)} over {jax.process_count()} process(es)")
     vocab = int(model.config.vocab_size)
     timings["load_model"] = time.perf_counter() - t
 
@@ -653,6 +694,18 @@ def run(
     batches = data_lib.Batches(text.train, cfg.batch_size, seed=cfg.seed)
     eval_set = data_lib.eval_batches(text.eval, cfg.batch_size)
     timings["tokenize"] = time.perf_counter() - t
+
+    def place(batch: np.ndarray) -> Any:
+        """A batch as the step takes it: unchanged, or split over the mesh's batch axes."""
+        if mesh is None:
+            return batch
+        if jax.process_count() > 1:  # each process passes its share of the global batch
+            n = len(batch) // jax.process_count()
+            batch = batch[jax.process_index() * n : (jax.process_index() + 1) * n]
+        return sharding.shard_batch(batch, mesh, batch_axes)
+
+    if mesh is not None:
+        eval_set = [place(b) for b in eval_set]
     log(
         f"data    {cfg.data}: {text.n_documents} documents, {text.n_tokens:,} tokens -> "
         f"{len(text.train):,} train / {len(eval_set) * cfg.batch_size} eval sequences of "
@@ -676,118 +729,128 @@ def run(
         log(f"resume  from {ckpt_dir} at step {start_step}")
     else:
         _add_adapter(model, cfg, shira_cfg, batches, log)
+    if mesh is not None:
+        sharding.shard_model(model, mesh)
     timings["adapter"] = time.perf_counter() - t
-    eval_fn = make_eval_fn()
-    trainable, total = count_params(model)
-    n_layers = sum(1 for _, m in named_modules(model) if isinstance(m, ShiraDense))
-    log(
-        f"adapter SHiRA r={cfg.r} mask={cfg.mask} on {n_layers} layers "
-        f"({_targets_text(shira_cfg.target_modules)}): {trainable:,} trainable of "
-        f"{total:,} params ({100 * trainable / total:.3f}%)"
-    )
+    in_mesh = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+    with in_mesh:
+        eval_fn = make_eval_fn()
+        trainable, total = count_params(model)
+        n_layers = sum(1 for _, m in named_modules(model) if isinstance(m, ShiraDense))
+        log(
+            f"adapter SHiRA r={cfg.r} mask={cfg.mask} on {n_layers} layers "
+            f"({_targets_text(shira_cfg.target_modules)}): {trainable:,} trainable of "
+            f"{total:,} params ({100 * trainable / total:.3f}%)"
+        )
 
-    t = time.perf_counter()
-    if eval_before is None:
-        eval_before = eval_fn(model, eval_set)
-        history["eval_loss"].append((0, eval_before))
-    timings["eval_before"] = time.perf_counter() - t
-    log(f"eval    before training: loss {eval_before:.4f}")
+        t = time.perf_counter()
+        if eval_before is None:
+            eval_before = eval_fn(model, eval_set)
+            history["eval_loss"].append((0, eval_before))
+        timings["eval_before"] = time.perf_counter() - t
+        log(f"eval    before training: loss {eval_before:.4f}")
 
-    tx = make_optimizer(
-        cfg.lr, cfg.steps, cfg.warmup, weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm
-    )
-    optimizer = nnx.Optimizer(model, tx, wrt=ShiraParam)
-    if resume_meta is not None:
-        restore_optimizer(ckpt_dir, optimizer, resume_meta)
-    step_fn = make_train_step()
+        tx = make_optimizer(
+            cfg.lr, cfg.steps, cfg.warmup, weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm
+        )
+        optimizer = nnx.Optimizer(model, tx, wrt=ShiraParam)
+        if resume_meta is not None:
+            restore_optimizer(ckpt_dir, optimizer, resume_meta)
+        if mesh is not None:
+            sharding.shard_model(optimizer, mesh)
+        step_fn = make_train_step()
 
-    def state_dict(step: int) -> dict[str, Any]:
-        return {
-            "step": step,
-            "config": cfg.to_dict(),
-            "train_loss": history["train_loss"],
-            "eval_loss": history["eval_loss"],
-            "eval_loss_before": eval_before,
-            "train_seconds": history["train_seconds"],
-        }
+        def state_dict(step: int) -> dict[str, Any]:
+            return {
+                "step": step,
+                "config": cfg.to_dict(),
+                "train_loss": history["train_loss"],
+                "eval_loss": history["eval_loss"],
+                "eval_loss_before": eval_before,
+                "train_seconds": history["train_seconds"],
+            }
 
-    # ---- train
-    tokens_per_step = cfg.batch_size * cfg.seq_len
-    log_every = cfg.log_every or max(1, cfg.steps // 10)
-    step = start_step
-    interrupted = False
-    first_step_seconds = None
-    steady_tokens, steady_seconds = 0, 0.0
-    bar = _progress_bar(total=cfg.steps, initial=start_step, enabled=progress, log=log)
-    with _StopFlag() as stop:
-        while step < cfg.steps:
-            batch = batches.batch(step)
-            t0 = time.perf_counter()
-            loss = float(step_fn(model, optimizer, batch))
-            dt = time.perf_counter() - t0
-            step += 1
-            history["train_loss"].append(loss)
-            history["train_seconds"] += dt
-            if first_step_seconds is None:
-                first_step_seconds = dt
-            else:
-                steady_tokens += tokens_per_step
-                steady_seconds += dt
-            tok_s = tokens_per_step / dt if steady_seconds == 0 else steady_tokens / steady_seconds
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
-            bar.update(1)
-            if not math.isfinite(loss):
-                bar.close()
-                raise FinetuneError(f"loss became {loss} at step {step}; lower --lr (now {cfg.lr})")
-            if step % log_every == 0 or step == cfg.steps:
-                bar.write(f"step {step:5d}/{cfg.steps}  loss {loss:.4f}  {tok_s:,.0f} tok/s")
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                ev = eval_fn(model, eval_set)
-                history["eval_loss"].append((step, ev))
-                bar.write(f"step {step:5d}/{cfg.steps}  eval loss {ev:.4f}")
-            if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
-                save_train_checkpoint(
-                    ckpt_dir, model, optimizer, state_dict(step), cfg.adapter_name
+        # ---- train
+        tokens_per_step = cfg.batch_size * cfg.seq_len
+        log_every = cfg.log_every or max(1, cfg.steps // 10)
+        step = start_step
+        interrupted = False
+        first_step_seconds = None
+        steady_tokens, steady_seconds = 0, 0.0
+        bar = _progress_bar(total=cfg.steps, initial=start_step, enabled=progress, log=log)
+        with _StopFlag() as stop:
+            while step < cfg.steps:
+                batch = place(batches.batch(step))
+                t0 = time.perf_counter()
+                loss = float(step_fn(model, optimizer, batch))
+                dt = time.perf_counter() - t0
+                step += 1
+                history["train_loss"].append(loss)
+                history["train_seconds"] += dt
+                if first_step_seconds is None:
+                    first_step_seconds = dt
+                else:
+                    steady_tokens += tokens_per_step
+                    steady_seconds += dt
+                tok_s = (
+                    tokens_per_step / dt if steady_seconds == 0 else steady_tokens / steady_seconds
                 )
-            if on_step is not None and on_step(step, loss):
-                stop.stop = True
-            if stop.stop and step < cfg.steps:
-                interrupted = True
-                break
-    bar.close()
-    tokens_per_s = (
-        steady_tokens / steady_seconds
-        if steady_seconds
-        else (tokens_per_step / first_step_seconds if first_step_seconds else None)
-    )
-    timings["train"] = history["train_seconds"]
-    if first_step_seconds is not None:
-        timings["first_step_with_compile"] = first_step_seconds
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
+                bar.update(1)
+                if not math.isfinite(loss):
+                    bar.close()
+                    raise FinetuneError(
+                        f"loss became {loss} at step {step}; lower --lr (now {cfg.lr})"
+                    )
+                if step % log_every == 0 or step == cfg.steps:
+                    bar.write(f"step {step:5d}/{cfg.steps}  loss {loss:.4f}  {tok_s:,.0f} tok/s")
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                    ev = eval_fn(model, eval_set)
+                    history["eval_loss"].append((step, ev))
+                    bar.write(f"step {step:5d}/{cfg.steps}  eval loss {ev:.4f}")
+                if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
+                    save_train_checkpoint(
+                        ckpt_dir, model, optimizer, state_dict(step), cfg.adapter_name
+                    )
+                if on_step is not None and on_step(step, loss):
+                    stop.stop = True
+                if stop.stop and step < cfg.steps:
+                    interrupted = True
+                    break
+        bar.close()
+        tokens_per_s = (
+            steady_tokens / steady_seconds
+            if steady_seconds
+            else (tokens_per_step / first_step_seconds if first_step_seconds else None)
+        )
+        timings["train"] = history["train_seconds"]
+        if first_step_seconds is not None:
+            timings["first_step_with_compile"] = first_step_seconds
 
-    paths: dict[str, Path] = {}
-    out.mkdir(parents=True, exist_ok=True)
-    t = time.perf_counter()
-    save_train_checkpoint(ckpt_dir, model, optimizer, state_dict(step), cfg.adapter_name)
-    paths["checkpoint"] = ckpt_dir
-    eval_after = None
-    if not interrupted:
-        eval_after = eval_fn(model, eval_set)
-        if not history["eval_loss"] or history["eval_loss"][-1][0] != step:
-            history["eval_loss"].append((step, eval_after))
-        log(f"eval    after {step} steps: loss {eval_after:.4f} (before: {eval_before:.4f})")
-        save_adapter(model, (out / "orbax").absolute(), adapter_name=cfg.adapter_name)
-        paths["orbax"] = out / "orbax"
-        if cfg.export_peft:
-            from bridge.peft import save_peft_adapter
+        paths: dict[str, Path] = {}
+        out.mkdir(parents=True, exist_ok=True)
+        t = time.perf_counter()
+        save_train_checkpoint(ckpt_dir, model, optimizer, state_dict(step), cfg.adapter_name)
+        paths["checkpoint"] = ckpt_dir
+        eval_after = None
+        if not interrupted:
+            eval_after = eval_fn(model, eval_set)
+            if not history["eval_loss"] or history["eval_loss"][-1][0] != step:
+                history["eval_loss"].append((step, eval_after))
+            log(f"eval    after {step} steps: loss {eval_after:.4f} (before: {eval_before:.4f})")
+            save_adapter(model, (out / "orbax").absolute(), adapter_name=cfg.adapter_name)
+            paths["orbax"] = out / "orbax"
+            if cfg.export_peft and is_main:
+                from bridge.peft import save_peft_adapter
 
-            save_peft_adapter(
-                model,
-                (out / "peft").absolute(),
-                adapter_name=cfg.adapter_name,
-                base_model_name_or_path=str(model_path),
-            )
-            paths["peft"] = out / "peft"
-    timings["eval_after_and_export"] = time.perf_counter() - t
+                save_peft_adapter(
+                    model,
+                    (out / "peft").absolute(),
+                    adapter_name=cfg.adapter_name,
+                    base_model_name_or_path=str(model_path),
+                )
+                paths["peft"] = out / "peft"
+        timings["eval_after_and_export"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
 
     metrics = {
@@ -812,10 +875,14 @@ def run(
         "seconds": {k: round(v, 2) for k, v in timings.items()},
         "backend": jax.default_backend(),
     }
-    _write_json(out / "metrics.json", metrics)
+    if mesh is not None:
+        metrics["mesh"] = dict(mesh.shape)
+        metrics["processes"] = jax.process_count()
     paths["metrics"] = out / "metrics.json"
-    if plot_losses(metrics, out / "loss.png"):
-        paths["plot"] = out / "loss.png"
+    if is_main:
+        _write_json(out / "metrics.json", metrics)
+        if plot_losses(metrics, out / "loss.png"):
+            paths["plot"] = out / "loss.png"
 
     if interrupted:
         log(f"interrupted at step {step}: checkpoint saved; continue with --resume --out {out}")

@@ -14,6 +14,7 @@ Checkpoint restores are exact; unmerge is bit-exact.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -413,3 +414,37 @@ def test_docstring_examples():
     for module in (sharding, stacked):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.failed == 0 and result.attempted > 0, module.__name__
+
+
+# ----------------------------------------------------------------------------- finetune CLI
+
+
+def test_finetune_cli_mesh_matches_single_device(tmp_path):
+    """`shira-jax finetune --mesh data=2,model=4` on 8 CPU devices: the same losses as no mesh."""
+    from test_finetune import make_text, make_tiny_model_dir
+
+    text = make_text(200, seed=1)
+    (tmp_path / "corpus.txt").write_text(text)
+    model_dir = make_tiny_model_dir(tmp_path / "model", text=text)
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "JAX_PLATFORMS": "cpu",
+    }
+    flags = ["--model", str(model_dir), "--data", str(tmp_path / "corpus.txt"), "--r", "4"]
+    flags += ["--steps", "3", "--batch-size", "4", "--seq-len", "16", "--eval-batches", "1"]
+    flags += ["--no-progress", "--dtype", "float32", "--no-peft"]
+    losses = {}
+    for name, extra in (("mesh", ["--mesh", "data=2,model=4"]), ("plain", [])):
+        out = tmp_path / name
+        cmd = [sys.executable, "-m", "shira_jax.cli", "finetune", *flags, "--out", str(out)]
+        proc = subprocess.run(cmd + extra, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["steps_done"] == 3
+        losses[name] = metrics["train_loss"]
+    assert json.loads((tmp_path / "mesh" / "metrics.json").read_text())["mesh"] == {
+        "data": 2,
+        "model": 4,
+    }
+    np.testing.assert_allclose(losses["mesh"], losses["plain"], rtol=1e-4)
