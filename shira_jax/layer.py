@@ -311,7 +311,7 @@ class ShiraDense(nnx.Module):
             return
         if _concrete(self.base_layer.kernel.get_value()) and self._scatter(
             self.base_layer.kernel.get_value()
-        ) is ops.scatter_delta:  # one compiled call, in place when nothing else holds the kernel
+        ) is ops.scatter_delta:  # one compiled pass, in place when nothing else holds the kernel
             _run_switch_plans([self._switch_plan(None, None, unmerge_all=True)])
             return
         kernel = self.base_layer.kernel[...]
@@ -328,7 +328,7 @@ class ShiraDense(nnx.Module):
         """In merged mode, replace merged adapter `old` by `new` in one pass over their entries.
 
         `old`'s saved entries are written back and `new` is merged (its overwritten entries
-        saved for `unmerge`), in one compiled call that updates the kernel in place (donated)
+        saved for `unmerge`), in one compiled pass that updates the kernel in place (donated)
         when nothing else holds it: the kernel's other entries are never read or copied.
         `old=None` only merges `new`; `new=None` only unmerges `old`. `new` takes `old`'s place
         among the active adapters. Unmerging afterwards still restores the base bit for bit.
@@ -361,21 +361,18 @@ class ShiraDense(nnx.Module):
     ) -> _SwitchPlan:
         """What `switch(old, new)` writes: entries to restore, adapters to (re)merge."""
         merged = self.merged_adapters
+        joining = new is not None and new in self.shira_weight and new not in merged
+        add = (new,) if joining else ()
         if unmerge_all:
             undo, redo, order = merged, (), ()
         elif old is not None and old in merged:
             # restore old and everything merged after it (their saved entries may include
             # old's delta), then merge new and re-merge those, so unmerge stays exact
             pos = merged.index(old)
-            undo = merged[pos:]
-            keep_after = merged[pos + 1 :]
-            add = (new,) if new is not None and new in self.shira_weight and new not in merged else ()
-            redo = add + keep_after
-            order = merged[:pos] + add + keep_after
+            undo, after = merged[pos:], merged[pos + 1 :]
+            redo, order = add + after, merged[:pos] + add + after
         else:
-            undo = ()
-            add = (new,) if new is not None and new in self.shira_weight and new not in merged else ()
-            redo, order = add, merged + add
+            undo, redo, order = (), add, merged + add
         restores = [
             (self.shira_indices[a][...], self.merge_backup[a][...]) for a in reversed(undo)
         ]
@@ -404,27 +401,40 @@ def _sole_owner(variable: nnx.Variable) -> bool:
     view of the array makes XLA copy instead of donating, so it is safe as well.
     """
     value = variable.get_value()
-    return isinstance(value, jax.Array) and not value.is_deleted() and sys.getrefcount(value) <= 3
+    if not isinstance(value, jax.Array) or value.is_deleted():
+        return False
+    return sys.getrefcount(value) <= 3
 
 
 def _run_switch_plans(plans: list[_SwitchPlan], *, check_finite: bool = False) -> None:
-    """Execute the plans in one compiled call (kernels donated when safely possible) and
+    """Execute the plans, one compiled pass per kernel (donated when safely possible), and
     commit them; with `check_finite`, refuse (raise, nothing changed) on non-finite entries."""
     plans = [p for p in plans if not p.empty]
     if not plans:
         return
     variables = [p.layer.base_layer.kernel for p in plans]
-    distinct = len({id(v.get_value()) for v in variables}) == len(variables)
-    donate = not check_finite and distinct and all(_sole_owner(v) for v in variables)
+    for p, v in zip(plans, variables):
+        if v.get_value().ndim != 2:
+            raise ValueError(
+                f"Layer {p.layer.layer_name or '?'} is a stacked layer (kernel shape "
+                f"{tuple(v.get_value().shape)}); switch it with shira_jax.stacked.merge / unmerge."
+            )
+    counts: dict[int, int] = {}
+    for v in variables:
+        counts[id(v.get_value())] = counts.get(id(v.get_value()), 0) + 1
+    # donate (update in place) only kernels nobody else can see; never when refusing is possible
+    donate = [
+        not check_finite and counts[id(v.get_value())] == 1 and _sole_owner(v) for v in variables
+    ]
     kernels = [v.get_value() for v in variables]
-    run = ops.switch_kernels if donate else ops.switch_kernels_copy
-    new_kernels, saved = run(kernels, [p.restores for p in plans], [p.merges for p in plans])
-    del kernels
-    if check_finite:
+    new_kernels, saved = ops.switch_kernels(
+        kernels, [p.restores for p in plans], [p.merges for p in plans], donate
+    )
+    if check_finite:  # only merged entries can have become non-finite
         bad = [
             p.layer.layer_name or "?"
             for p, k in zip(plans, new_kernels)
-            if p.merges and not all(bool(jnp.isfinite(ops.gather_entries(k, m[0])).all()) for m in p.merges)
+            if not all(bool(jnp.isfinite(ops.gather_entries(k, m[0])).all()) for m in p.merges)
         ]
         if bad:
             raise ValueError(
@@ -434,17 +444,24 @@ def _run_switch_plans(plans: list[_SwitchPlan], *, check_finite: bool = False) -
     for p, kernel, entries in zip(plans, new_kernels, saved):
         layer = p.layer
         layer.base_layer.kernel.set_value(kernel)
+        spare = [layer.merge_backup[a] for a in p.undo]  # reuse their Variables (cheaper)
         for a in p.undo:
             del layer.merge_backup[a]
         for a, e in zip(p.redo, entries):
-            layer.merge_backup[a] = ShiraMergeBackup(e)
-        layer.merged_adapters = p.order
+            if spare:
+                variable = spare.pop()
+                variable.set_value(e)
+            else:
+                variable = ShiraMergeBackup(e)
+            layer.merge_backup[a] = variable
+        if layer.merged_adapters != p.order:
+            layer.merged_adapters = p.order
 
 
 def _switch_layers(
     layers: Sequence[ShiraDense], old: str | None, new: str | None, *, safe_merge: bool = False
 ) -> None:
-    """`ShiraDense.switch` over many layers with one compiled call (see `switch_adapter`)."""
+    """`ShiraDense.switch` over many layers (see `switch_adapter`)."""
     plans = [layer._switch_plan(old, new) for layer in layers]
     _run_switch_plans(plans, check_finite=safe_merge)
     if old is None or new is None:
@@ -452,7 +469,7 @@ def _switch_layers(
     for layer in layers:
         if old in layer.active_adapters:
             active = tuple(dict.fromkeys(new if a == old else a for a in layer.active_adapters))
-            layer.set_adapter(active)
+            layer.set_adapter(active)  # re-types values: only the active ones train
 
 
 def _concrete(value: Any) -> bool:

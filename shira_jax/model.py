@@ -486,8 +486,9 @@ def switch_adapter(
 
     In every layer `old`'s saved entries are written back and `new` is merged in the same
     compiled pass (only the `2 * nnz` entries are touched; kernels are updated in place,
-    donated, when nothing else holds them). `new` takes `old`'s place among the active adapters. `old=None`
-    merges `new`; `new=None` unmerges `old`. `unmerge` still restores the base bit for bit.
+    donated, when nothing else holds them). `new` takes `old`'s place among the active
+    adapters. `old=None` merges `new`; `new=None` unmerges `old`. `unmerge` still restores the
+    base bit for bit.
     With `safe_merge`, non-finite merged entries refuse the switch and leave the model as it
     was.
 

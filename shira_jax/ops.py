@@ -49,7 +49,6 @@ __all__ = [
     "scatter_delta",
     "switch_entries",
     "switch_kernels",
-    "switch_kernels_copy",
     "write_entries",
 ]
 
@@ -71,29 +70,43 @@ def _bits_dtype(dtype: Any) -> Any | None:
     return None
 
 
+def _flat(indices: jax.Array, shape: tuple[int, ...]) -> jax.Array | None:
+    """Row-major flat positions of `[2, nnz]` indices, or None when they would not fit int32."""
+    if len(shape) != 2 or shape[0] * shape[1] >= 2**31:
+        return None
+    return indices[0] * shape[1] + indices[1]
+
+
 def gather_entries(kernel: jax.Array, indices: jax.Array) -> jax.Array:
     """`kernel[indices[0], indices[1]]` (the entries an adapter touches), in the kernel's dtype."""
     bits = _bits_dtype(kernel.dtype)
-    if bits is None:
-        return kernel[indices[0], indices[1]]
-    view = jax.lax.bitcast_convert_type(kernel, bits)
-    return jax.lax.bitcast_convert_type(view[indices[0], indices[1]], kernel.dtype)
+    view = kernel if bits is None else jax.lax.bitcast_convert_type(kernel, bits)
+    flat = _flat(indices, kernel.shape)
+    if flat is None:
+        out = view[indices[0], indices[1]]
+    else:
+        out = view.reshape(-1)[flat]
+    return out if bits is None else jax.lax.bitcast_convert_type(out, kernel.dtype)
 
 
 def write_entries(kernel: jax.Array, indices: jax.Array, entries: jax.Array) -> jax.Array:
     """`kernel` with `entries` (cast to its dtype) written at the unique `indices`.
 
-    A plain scatter-set; 16-bit float kernels go through a same-width unsigned view so XLA
-    writes 2-byte words instead of converting the kernel to float32 and back.
+    A plain scatter-set on the flattened kernel (row-major flat positions: one index per entry,
+    about 15% faster on CPU than 2-D indices). 16-bit float kernels go through a same-width
+    unsigned view, so XLA writes 2-byte words instead of converting the kernel to float32 and
+    back.
     """
     entries = entries.astype(kernel.dtype)
-    rows, cols = indices[0], indices[1]
     bits = _bits_dtype(kernel.dtype)
-    if bits is None:
-        return kernel.at[rows, cols].set(entries, unique_indices=True)
-    view = jax.lax.bitcast_convert_type(kernel, bits)
-    view = view.at[rows, cols].set(jax.lax.bitcast_convert_type(entries, bits), unique_indices=True)
-    return jax.lax.bitcast_convert_type(view, kernel.dtype)
+    view = kernel if bits is None else jax.lax.bitcast_convert_type(kernel, bits)
+    entries = entries if bits is None else jax.lax.bitcast_convert_type(entries, bits)
+    flat = _flat(indices, kernel.shape)
+    if flat is None:
+        view = view.at[indices[0], indices[1]].set(entries, unique_indices=True)
+    else:
+        view = view.reshape(-1).at[flat].set(entries, unique_indices=True).reshape(kernel.shape)
+    return view if bits is None else jax.lax.bitcast_convert_type(view, kernel.dtype)
 
 
 def _added(old: jax.Array, values: jax.Array, scale: Any, out_dtype: Any) -> jax.Array:
@@ -110,8 +123,34 @@ def scatter_delta(
     a bf16 kernel sees one rounding per entry, as PyTorch's in-place add does. Indices must be
     unique (the canonical form every loader produces).
     """
+    return _scatter_delta(kernel, indices, values, jnp.asarray(scale, jnp.float32))
+
+
+@jax.custom_vjp
+def _scatter_delta(
+    kernel: jax.Array, indices: jax.Array, values: jax.Array, scale: jax.Array
+) -> jax.Array:
     old = gather_entries(kernel, indices)
     return write_entries(kernel, indices, _added(old, values, scale, kernel.dtype))
+
+
+def _scatter_delta_fwd(kernel, indices, values, scale):  # noqa: ANN001, ANN202
+    return _scatter_delta(kernel, indices, values, scale), (indices, values, scale)
+
+
+def _scatter_delta_bwd(residuals, cotangent):  # noqa: ANN001, ANN202
+    # Written by hand because the uint16 view of 16-bit kernels is not differentiable: the
+    # output is `kernel` with `round(kernel[i] + scale * v)` at i, so (rounding aside) the
+    # kernel's cotangent passes through and the values' is `scale * cotangent[i]`.
+    indices, values, scale = residuals
+    picked = cotangent[indices[0], indices[1]].astype(jnp.float32)
+    d_values = (scale * picked).astype(values.dtype)
+    d_scale = jnp.sum(picked * values.astype(jnp.float32)).astype(scale.dtype)
+    d_indices = np.zeros(np.shape(indices), jax.dtypes.float0)
+    return cotangent, d_indices, d_values, d_scale
+
+
+_scatter_delta.defvjp(_scatter_delta_fwd, _scatter_delta_bwd)
 
 
 def restore_entries(kernel: jax.Array, indices: jax.Array, saved: jax.Array) -> jax.Array:
@@ -167,24 +206,23 @@ def switch_entries(
     return merge_entries(kernel, new_indices, new_values, new_scale)
 
 
-def _switch_body(
-    kernels: list[jax.Array], restores: list[Any], merges: list[Any]
-) -> tuple[list[jax.Array], list[Any]]:
-    out_kernels, out_saved = [], []
-    for kernel, restore, merge in zip(kernels, restores, merges):
-        for idx, saved in restore:
-            kernel = restore_entries(kernel, idx, saved)
-        saved_now = []
-        for idx, values, scale in merge:
-            kernel, saved = merge_entries(kernel, idx, values, scale)
-            saved_now.append(saved)
-        out_kernels.append(kernel)
-        out_saved.append(saved_now)
-    return out_kernels, out_saved
+def _switch_one(
+    kernel: jax.Array, restore: list[Any], merge: list[Any]
+) -> tuple[jax.Array, list[jax.Array]]:
+    for idx, saved in restore:
+        kernel = restore_entries(kernel, idx, saved)
+    saved_now = []
+    for idx, values, scale in merge:
+        kernel, saved = merge_entries(kernel, idx, values, scale)
+        saved_now.append(saved)
+    return kernel, saved_now
 
 
-_switch_donated = jax.jit(_switch_body, donate_argnums=(0,))
-_switch_copied = jax.jit(_switch_body)
+# One compiled program per kernel signature (shape, dtype, adapters' sizes): a model with a
+# few distinct layer shapes compiles a few small programs, where one program for every layer
+# took ~15 s to compile for 210 layers, and each call is one in-place pass over one kernel.
+_switch_donated = jax.jit(_switch_one, donate_argnums=(0,))
+_switch_copied = jax.jit(_switch_one)
 
 
 def _switch_args(restores: Any, merges: Any) -> tuple[list[Any], list[Any]]:
@@ -193,18 +231,30 @@ def _switch_args(restores: Any, merges: Any) -> tuple[list[Any], list[Any]]:
     return restores, merges
 
 
+@functools.lru_cache(maxsize=64)
+def _scale_constant(scale: float) -> jax.Array:
+    return jnp.asarray(scale, jnp.float32)
+
+
+def _scale_array(scale: float | jax.Array) -> jax.Array:
+    """Scales are traced (no recompilation per scale); Python floats are converted once."""
+    return _scale_constant(float(scale)) if isinstance(scale, (int, float)) else scale
+
+
 def switch_kernels(
-    kernels: Sequence[jax.Array],
+    kernels: list[jax.Array],
     restores: Sequence[Sequence[tuple[jax.Array, jax.Array]]],
     merges: Sequence[Sequence[tuple[jax.Array, jax.Array, float | jax.Array]]],
+    donate: bool | Sequence[bool] = True,
 ) -> tuple[list[jax.Array], list[list[jax.Array]]]:
-    """Switch many kernels in one compiled call that DONATES them (they are updated in place).
+    """Switch many kernels, each in one compiled pass that DONATES it (updated in place).
 
     For kernel `i`, first every `(indices, saved)` of `restores[i]` is written back (in the
     order given: pass the last merged adapter first), then every `(indices, values, scale)` of
     `merges[i]` is merged. Returns the new kernels and, per kernel, the entries each merge
-    overwrote. The input kernel arrays are invalid afterwards (donated), so the caller must
-    hold no other reference it still wants to read; `switch_kernels_copy` leaves them alone.
+    overwrote. A donated input kernel is invalid afterwards, so the caller must hold no other
+    reference it still wants to read; `donate` may be False, or one flag per kernel. The list
+    `kernels` is emptied, so that it holds no reference during the calls.
 
     Example:
         >>> import jax.numpy as jnp
@@ -215,16 +265,14 @@ def switch_kernels(
         >>> k.tolist(), saved.tolist()
         ([[1.0, 2.0], [3.0, 1.0]], [1.0, 1.0])
     """
-    return _switch_donated(list(kernels), *_switch_args(restores, merges))
-
-
-def switch_kernels_copy(
-    kernels: Sequence[jax.Array],
-    restores: Sequence[Sequence[tuple[jax.Array, jax.Array]]],
-    merges: Sequence[Sequence[tuple[jax.Array, jax.Array, float | jax.Array]]],
-) -> tuple[list[jax.Array], list[list[jax.Array]]]:
-    """`switch_kernels` without donation: new kernels are written to new buffers."""
-    return _switch_copied(list(kernels), *_switch_args(restores, merges))
+    restores = [[(i, s) for i, s in r] for r in restores]
+    merges = [[(i, v, _scale_array(s)) for i, v, s in m] for m in merges]
+    flags = [bool(donate)] * len(restores) if isinstance(donate, bool) else list(donate)
+    out = []
+    for restore, merge, flag in zip(restores, merges, flags):
+        run = _switch_donated if flag else _switch_copied
+        out.append(run(kernels.pop(0), restore, merge))
+    return [k for k, _ in out], [s for _, s in out]
 
 
 # ----------------------------------------------------------------------------- training

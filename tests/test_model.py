@@ -351,3 +351,20 @@ def test_second_all_linear_adapter_wraps_each_layer_once(mlp):
     assert [p for p, _ in layers] == ["lin0", "lin1", "lin2", "lin3"]
     assert all(layer.adapter_names == ("a", "b") for _, layer in layers)
     assert all(type(layer.base_layer) is nnx.Linear for _, layer in layers)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_values_get_gradients_for_every_kernel_dtype(dtype):
+    model = MLP(param_dtype=dtype)
+    sj.apply_shira(model, cfg(init_weights=False))
+    x = jnp.ones((4, 10), dtype)
+    loss = lambda m: jnp.sum(m(x).astype(jnp.float32) ** 2)  # noqa: E731
+    grads = nnx.grad(loss, argnums=nnx.DiffState(0, sj.ShiraParam))(model)
+    for name in ("lin1", "lin2"):
+        g = grads[name]["shira_weight"]["default"][...]
+        assert float(jnp.abs(g).sum()) > 0, f"{name}: zero gradient for {dtype.__name__} kernel"
+    scatter = lambda v: sj.ops.scatter_delta(  # noqa: E731
+        jnp.eye(2, dtype=dtype), jnp.array([[0, 1], [1, 0]]), v
+    )
+    g = jax.grad(lambda v: scatter(v).astype(jnp.float32).sum())(jnp.zeros(2))
+    np.testing.assert_allclose(g, [1.0, 1.0])
