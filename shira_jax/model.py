@@ -172,7 +172,9 @@ def apply_shira(
         targets = resolve_targets(config, linear_paths, model_type=model_type)
     layers = {t: _checked_target(t, modules[t], adapter_name) for t in targets}
     save_paths = (
-        select_modules_to_save(modules, config.modules_to_save) if config.modules_to_save else []
+        select_modules_to_save(modules, config.modules_to_save, list(layers))
+        if config.modules_to_save
+        else []
     )
 
     if indices is not None:

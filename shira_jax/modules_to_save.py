@@ -79,12 +79,27 @@ def _retype_params(module: nnx.Module, kind: type[nnx.Variable]) -> None:
                 setattr(owner, key, new)
 
 
-def select_modules_to_save(modules: dict[str, nnx.Module], patterns: Sequence[str]) -> list[str]:
-    """Paths of the outermost modules matching `patterns` (PEFT's list rule); error if none."""
+def select_modules_to_save(
+    modules: dict[str, nnx.Module], patterns: Sequence[str], targets: Sequence[str] = ()
+) -> list[str]:
+    """Paths of the outermost modules matching `patterns` (PEFT's list rule).
+
+    Errors if none matches, or if a chosen module is, holds or sits in a SHiRA target (a module
+    cannot be both trained fully and adapted sparsely).
+    """
     chosen = [p for p in modules if matches_target(p, list(patterns))]
     chosen = [p for p in chosen if not any(p.startswith(c + ".") for c in chosen)]
     if not chosen:
         raise ValueError(f"modules_to_save {list(patterns)} matched no module of the model.")
+    for path in chosen:
+        clash = [
+            t for t in targets if t == path or t.startswith(path + ".") or path.startswith(t + ".")
+        ]
+        if clash:
+            raise ValueError(
+                f"modules_to_save {path!r} overlaps the SHiRA target(s) {clash}; a module is "
+                "either trained fully (modules_to_save) or adapted (target_modules), not both."
+            )
     return chosen
 
 

@@ -268,7 +268,7 @@ def apply_shira_stacked(
     flat_targets = [t for t in targets if t not in stacked_targets]
     # apply_shira wraps modules_to_save along with the flat targets; with none, do it here.
     save_paths = (
-        select_modules_to_save(modules, config.modules_to_save)
+        select_modules_to_save(modules, config.modules_to_save, targets)
         if config.modules_to_save and not flat_targets
         else []
     )

@@ -214,7 +214,15 @@ def test_stacked_jax_adapter_exports_per_layer_keys_that_peft_loads(tmp_path, xs
         assert not np.allclose(t_out(pm, xs), j_out(model, xs), atol=1e-4)
 
 
-@pytest.mark.parametrize("saved", ["down", "layers"])
+def test_modules_to_save_holding_a_target_is_refused_before_any_change():
+    model = StackNet(nnx.Rngs(0))
+    cfg = sj.ShiraConfig(r=1, target_modules=["up"], modules_to_save=["layers"])
+    with pytest.raises(ValueError, match="overlaps the SHiRA target"):
+        stacked.apply_shira_stacked(model, cfg)
+    assert sj.shira_layers(model) == []
+
+
+@pytest.mark.parametrize("saved", ["down"])
 def test_modules_to_save_inside_the_stack_is_refused(saved, tmp_path):
     model = StackNet(nnx.Rngs(0))
     cfg = sj.ShiraConfig(r=1, target_modules=["up"], modules_to_save=[saved])
