@@ -240,8 +240,12 @@ class ShiraDense(nnx.Module):
         leaves, treedef = jax.tree.flatten((args, kwargs))
         dynamic = [i for i, leaf in enumerate(leaves) if isinstance(leaf, (jax.Array, np.ndarray))]
 
+        scatter = self._scatter(kernel)  # decided here, on the Variable and its array
+
         def patch(kernel: jax.Array, indices: Any, values: Any) -> jax.Array:
-            return self._patched(kernel, live, indices, values)
+            for a, idx, vals in zip(live, indices, values):
+                kernel = scatter(kernel, idx, vals, self.scaling[a])
+            return kernel
 
         def apply(kernel: jax.Array, operands: Any) -> jax.Array:
             x, rest_state, dynamic_leaves = operands

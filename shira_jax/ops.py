@@ -70,42 +70,49 @@ def _bits_dtype(dtype: Any) -> Any | None:
     return None
 
 
-def _flat(indices: jax.Array, shape: tuple[int, ...]) -> jax.Array | None:
-    """Row-major flat positions of `[2, nnz]` indices, or None when they would not fit int32."""
-    if len(shape) != 2 or shape[0] * shape[1] >= 2**31:
+def _flat(indices: jax.Array, shape: tuple[int, ...], flat: bool) -> jax.Array | None:
+    """Row-major flat positions of `[2, nnz]` indices when asked for and they fit int32."""
+    if not flat or len(shape) != 2 or shape[0] * shape[1] >= 2**31:
         return None
     return indices[0] * shape[1] + indices[1]
 
 
-def gather_entries(kernel: jax.Array, indices: jax.Array) -> jax.Array:
-    """`kernel[indices[0], indices[1]]` (the entries an adapter touches), in the kernel's dtype."""
+def gather_entries(kernel: jax.Array, indices: jax.Array, *, flat: bool = False) -> jax.Array:
+    """`kernel[indices[0], indices[1]]` (the entries an adapter touches), in the kernel's dtype.
+
+    `flat=True` indexes the flattened kernel (faster on one device; a kernel split over
+    devices must keep 2-D indices, or XLA would gather it whole to flatten it).
+    """
     bits = _bits_dtype(kernel.dtype)
     view = kernel if bits is None else jax.lax.bitcast_convert_type(kernel, bits)
-    flat = _flat(indices, kernel.shape)
-    if flat is None:
+    positions = _flat(indices, kernel.shape, flat)
+    if positions is None:
         out = view[indices[0], indices[1]]
     else:
-        out = view.reshape(-1)[flat]
+        out = view.reshape(-1)[positions]
     return out if bits is None else jax.lax.bitcast_convert_type(out, kernel.dtype)
 
 
-def write_entries(kernel: jax.Array, indices: jax.Array, entries: jax.Array) -> jax.Array:
+def write_entries(
+    kernel: jax.Array, indices: jax.Array, entries: jax.Array, *, flat: bool = False
+) -> jax.Array:
     """`kernel` with `entries` (cast to its dtype) written at the unique `indices`.
 
-    A plain scatter-set on the flattened kernel (row-major flat positions: one index per entry,
-    about 15% faster on CPU than 2-D indices). 16-bit float kernels go through a same-width
-    unsigned view, so XLA writes 2-byte words instead of converting the kernel to float32 and
-    back.
+    A plain scatter-set. 16-bit float kernels go through a same-width unsigned view, so XLA
+    writes 2-byte words instead of converting the kernel to float32 and back. `flat=True`
+    writes at row-major flat positions (about 15% faster on CPU; one device only, see
+    `gather_entries`).
     """
     entries = entries.astype(kernel.dtype)
     bits = _bits_dtype(kernel.dtype)
     view = kernel if bits is None else jax.lax.bitcast_convert_type(kernel, bits)
     entries = entries if bits is None else jax.lax.bitcast_convert_type(entries, bits)
-    flat = _flat(indices, kernel.shape)
-    if flat is None:
+    positions = _flat(indices, kernel.shape, flat)
+    if positions is None:
         view = view.at[indices[0], indices[1]].set(entries, unique_indices=True)
     else:
-        view = view.reshape(-1).at[flat].set(entries, unique_indices=True).reshape(kernel.shape)
+        view = view.reshape(-1).at[positions].set(entries, unique_indices=True)
+        view = view.reshape(kernel.shape)
     return view if bits is None else jax.lax.bitcast_convert_type(view, kernel.dtype)
 
 
@@ -153,9 +160,11 @@ def _scatter_delta_bwd(residuals, cotangent):  # noqa: ANN001, ANN202
 _scatter_delta.defvjp(_scatter_delta_fwd, _scatter_delta_bwd)
 
 
-def restore_entries(kernel: jax.Array, indices: jax.Array, saved: jax.Array) -> jax.Array:
+def restore_entries(
+    kernel: jax.Array, indices: jax.Array, saved: jax.Array, *, flat: bool = False
+) -> jax.Array:
     """Write back the exact values a merge overwrote (the inverse of a merge, bit for bit)."""
-    return write_entries(kernel, indices, saved)
+    return write_entries(kernel, indices, saved, flat=flat)
 
 
 def dense_delta(
@@ -175,14 +184,20 @@ def dense_delta(
 
 
 def merge_entries(
-    kernel: jax.Array, indices: jax.Array, values: jax.Array, scale: float | jax.Array = 1.0
+    kernel: jax.Array,
+    indices: jax.Array,
+    values: jax.Array,
+    scale: float | jax.Array = 1.0,
+    *,
+    flat: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Merge one adapter: `(kernel + scale * delta, the entries it overwrote)`, one gather.
 
     The second result is what `restore_entries` needs to undo the merge bit for bit.
     """
-    saved = gather_entries(kernel, indices)
-    return write_entries(kernel, indices, _added(saved, values, scale, kernel.dtype)), saved
+    saved = gather_entries(kernel, indices, flat=flat)
+    new = _added(saved, values, scale, kernel.dtype)
+    return write_entries(kernel, indices, new, flat=flat), saved
 
 
 def switch_entries(
@@ -207,13 +222,13 @@ def switch_entries(
 
 
 def _switch_one(
-    kernel: jax.Array, restore: list[Any], merge: list[Any]
+    kernel: jax.Array, restore: list[Any], merge: list[Any], flat: bool
 ) -> tuple[jax.Array, list[jax.Array]]:
     for idx, saved in restore:
-        kernel = restore_entries(kernel, idx, saved)
+        kernel = restore_entries(kernel, idx, saved, flat=flat)
     saved_now = []
     for idx, values, scale in merge:
-        kernel, saved = merge_entries(kernel, idx, values, scale)
+        kernel, saved = merge_entries(kernel, idx, values, scale, flat=flat)
         saved_now.append(saved)
     return kernel, saved_now
 
@@ -221,14 +236,13 @@ def _switch_one(
 # One compiled program per kernel signature (shape, dtype, adapters' sizes): a model with a
 # few distinct layer shapes compiles a few small programs, where one program for every layer
 # took ~15 s to compile for 210 layers, and each call is one in-place pass over one kernel.
-_switch_donated = jax.jit(_switch_one, donate_argnums=(0,))
-_switch_copied = jax.jit(_switch_one)
+_switch_donated = jax.jit(_switch_one, donate_argnums=(0,), static_argnums=(3,))
+_switch_copied = jax.jit(_switch_one, static_argnums=(3,))
 
 
-def _switch_args(restores: Any, merges: Any) -> tuple[list[Any], list[Any]]:
-    restores = [[(i, s) for i, s in r] for r in restores]
-    merges = [[(i, v, jnp.asarray(s, jnp.float32)) for i, v, s in m] for m in merges]
-    return restores, merges
+def _one_device(kernel: jax.Array) -> bool:
+    sharding = getattr(kernel, "sharding", None)
+    return sharding is not None and len(sharding.device_set) == 1
 
 
 @functools.lru_cache(maxsize=64)
@@ -271,7 +285,9 @@ def switch_kernels(
     out = []
     for restore, merge, flag in zip(restores, merges, flags):
         run = _switch_donated if flag else _switch_copied
-        out.append(run(kernels.pop(0), restore, merge))
+        kernel = kernels.pop(0)
+        out.append(run(kernel, restore, merge, _one_device(kernel)))
+        del kernel
     return [k for k, _ in out], [s for _, s in out]
 
 
@@ -336,7 +352,10 @@ def _after(kernel: jax.Array, indices: Any, tree: Any) -> tuple[jax.Array, Any]:
     the forward pass's (common-subexpression elimination; optimisation barriers are dropped on
     CPU), which keeps them alive across the whole step.
     """
-    finite = jnp.all(jnp.isfinite(jnp.asarray(jax.tree.leaves(tree)[0]).reshape(-1)[:1]))
+    leaf = jnp.asarray(jax.tree.leaves(tree)[0])
+    # one element, without reshaping (a reshape of a sharded array would gather it)
+    first = leaf[(0,) * leaf.ndim] if leaf.size else jnp.zeros((), leaf.dtype)
+    finite = jnp.isfinite(first)
     negative_zero = finite.astype(jnp.float32) * jnp.float32(-0.0)
     bound = jnp.where(finite, jnp.int32(2**31 - 1), jnp.int32(2**31 - 2))
     indices = jax.tree.map(lambda i: jnp.minimum(i, bound.astype(i.dtype)), indices)
