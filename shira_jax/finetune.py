@@ -53,7 +53,7 @@ from flax import nnx
 
 from shira_jax import data as data_lib
 from shira_jax import sharding
-from shira_jax.checkpoint import load_adapter, save_adapter
+from shira_jax.checkpoint import _replace_dir, load_adapter, save_adapter
 from shira_jax.config import ALL_LINEAR, MASK_TYPES, ShiraConfig, resolve_targets
 from shira_jax.layer import ShiraDense, ShiraParam
 from shira_jax.masks import shira_budget
@@ -384,13 +384,7 @@ def save_train_checkpoint(
             **state,
         }
         (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-        if directory.exists():
-            old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
+        _replace_dir(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
