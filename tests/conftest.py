@@ -39,3 +39,33 @@ def x() -> jnp.ndarray:
     import jax
 
     return jax.random.normal(jax.random.key(1), (5, 10))
+
+
+def snapshot(model):
+    """Everything about a model that a refused load or merge must leave as it was."""
+    import numpy as np
+
+    import shira_jax as sj
+
+    flat = nnx.to_flat_state(nnx.state(model))
+    return (
+        nnx.graphdef(model),
+        {k: np.asarray(v[...]).copy() for k, v in flat},
+        sj.adapter_names(model),
+        dict(sj.adapter_configs(model)),
+    )
+
+
+def assert_unchanged(model, snap):
+    import numpy as np
+
+    import shira_jax as sj
+
+    graph, arrays, names, configs = snap
+    assert nnx.graphdef(model) == graph
+    now = {k: np.asarray(v[...]) for k, v in nnx.to_flat_state(nnx.state(model))}
+    assert now.keys() == arrays.keys()
+    for k in arrays:
+        np.testing.assert_array_equal(now[k], arrays[k], err_msg=str(k))
+    assert sj.adapter_names(model) == names
+    assert sj.adapter_configs(model) == configs

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 import pytest
 import torch
-from conftest import MLP
+from conftest import MLP, assert_unchanged, snapshot
 from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
@@ -157,27 +157,6 @@ def train_jax(model, x: np.ndarray, steps: int = 3) -> None:
 
     for _ in range(steps):
         step(model, opt)
-
-
-def snapshot(model):
-    flat = nnx.to_flat_state(nnx.state(model))
-    return (
-        nnx.graphdef(model),
-        {k: np.asarray(v[...]).copy() for k, v in flat},
-        sj.adapter_names(model),
-        dict(sj.adapter_configs(model)),
-    )
-
-
-def assert_unchanged(model, snap):
-    graph, arrays, names, configs = snap
-    assert nnx.graphdef(model) == graph
-    now = {k: np.asarray(v[...]) for k, v in nnx.to_flat_state(nnx.state(model))}
-    assert now.keys() == arrays.keys()
-    for k in arrays:
-        np.testing.assert_array_equal(now[k], arrays[k], err_msg=str(k))
-    assert sj.adapter_names(model) == names
-    assert sj.adapter_configs(model) == configs
 
 
 # --------------------------------------------------------------------------- index order

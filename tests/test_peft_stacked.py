@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import assert_unchanged, snapshot
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
@@ -155,27 +156,6 @@ def layer_keys(names=("down", "up")) -> list[str]:
         for m in names
         for k in ("weight", "indices")
     )
-
-
-def snapshot(model):
-    flat = nnx.to_flat_state(nnx.state(model))
-    return (
-        nnx.graphdef(model),
-        {k: np.asarray(v[...]).copy() for k, v in flat},
-        sj.adapter_names(model),
-        dict(sj.adapter_configs(model)),
-    )
-
-
-def assert_unchanged(model, snap):
-    graph, arrays, names, configs = snap
-    assert nnx.graphdef(model) == graph
-    now = {k: np.asarray(v[...]) for k, v in nnx.to_flat_state(nnx.state(model))}
-    assert now.keys() == arrays.keys()
-    for k in arrays:
-        np.testing.assert_array_equal(now[k], arrays[k], err_msg=str(k))
-    assert sj.adapter_names(model) == names
-    assert sj.adapter_configs(model) == configs
 
 
 # --------------------------------------------------------------------------- JAX -> PEFT
