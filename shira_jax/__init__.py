@@ -7,7 +7,7 @@ Example:
     32
 """
 
-from shira_jax import functional, masks, ops, sharding, stacked
+from shira_jax import functional, masks, ops, sharding, stacked, state
 from shira_jax.checkpoint import load_adapter, save_adapter
 from shira_jax.config import ShiraConfig, matches_target
 from shira_jax.fusion import adapter_orthogonality, awom, awor, fuse_adapters
@@ -35,10 +35,13 @@ from shira_jax.model import (
     unmerge,
 )
 from shira_jax.modules_to_save import ModulesToSave, ShiraModuleParam
+from shira_jax.state import AdapterState, LayerState
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterState",
+    "LayerState",
     "ModulesToSave",
     "ShiraConfig",
     "ShiraDense",
@@ -71,6 +74,7 @@ __all__ = [
     "sharding",
     "shira_layers",
     "stacked",
+    "state",
     "switch_adapter",
     "unmerge",
 ]

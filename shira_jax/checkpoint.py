@@ -1,8 +1,10 @@
 """Adapter-only checkpoints with orbax: values, indices and config, nothing of the base model.
 
 A checkpoint directory holds `shira_adapter.json` (config, layer paths, kernel shapes) and an
-orbax tree in `arrays/`. It is written beside the target and renamed into place, so a killed
-save never leaves a half checkpoint that loads.
+orbax tree in `arrays/`: a plain mapping of an `AdapterState` (`write_state` / `read_state`;
+`save_adapter` / `load_adapter` add `state.extract` / `state.inject`). It is written beside
+the target and renamed into place, so a killed save never leaves a half checkpoint that
+loads.
 
 Example:
     >>> import tempfile, jax.numpy as jnp
@@ -27,9 +29,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
-from pathlib import Path
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -37,47 +37,31 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from shira_jax import atomic
 from shira_jax.config import ShiraConfig
-from shira_jax.model import (
-    adapter_configs,
-    check_adapter_name,
-    get_submodule,
-    named_modules,
-    shira_layers,
-)
-from shira_jax.modules_to_save import ModulesToSave
+from shira_jax.kernels import kernel_view
+from shira_jax.layer import unwrap
+from shira_jax.model import named_modules
+from shira_jax.state import AdapterState, LayerState, extract, inject
+from shira_jax.util import check_adapter_name
+
+__all__ = ["load_adapter", "read_meta", "read_state", "save_adapter", "write_state"]
 
 FORMAT = "shira-jax-adapter"
 VERSION = 1
 META_FILE = "shira_adapter.json"
 ARRAYS_DIR = "arrays"
 
-
-def adapter_arrays(model: nnx.Module, adapter_name: str) -> dict[str, dict[str, np.ndarray]]:
-    """`{layer path: {"values", "indices"}}` of one adapter, kernel layout, as numpy."""
-    out = {}
-    for path, layer in shira_layers(model):
-        if adapter_name in layer.adapter_names:
-            out[path] = {
-                "values": np.asarray(layer.shira_weight[adapter_name][...]),
-                "indices": np.asarray(layer.shira_indices[adapter_name][...], np.int32),
-            }
-    if not out:
-        raise KeyError(f"The model has no adapter {adapter_name!r}.")
-    return out
+#: `placement(layer path, "values" | "indices", shape)` -> a sharding to restore onto, or None
+#: for host numpy.
+Placement = Callable[[str, str, tuple[int, ...]], Any]
 
 
-def saved_module_arrays(model: nnx.Module, adapter_name: str) -> dict[str, dict[str, np.ndarray]]:
-    """`{module path: {param path: array}}` of the adapter's `modules_to_save` copies."""
-    out = {}
-    for path, node in named_modules(model):
-        if isinstance(node, ModulesToSave) and adapter_name in node.modules_to_save:
-            state = nnx.state(node.modules_to_save[adapter_name])
-            out[path] = {
-                ".".join(str(k) for k in key): np.asarray(v[...])
-                for key, v in nnx.to_flat_state(state)
-            }
-    return out
+def _slot(i: int) -> str:
+    return f"{i:05d}"
+
+
+# ----------------------------------------------------------------------------- write
 
 
 def save_adapter(
@@ -85,65 +69,63 @@ def save_adapter(
 ) -> None:
     """Save one adapter with orbax straight from its (sharded) arrays; any process count.
 
-    Same directory format as `shira_jax.save_adapter` (readable by `sj.load_adapter` too),
-    but nothing is gathered to one host and stacked layers (`[L, nnz]`) are kept whole. Every
+    Nothing is gathered to one host and stacked layers (`[L, nnz]`) are kept whole. Every
     process calls it; process 0 writes the metadata. The checkpoint is assembled beside the
     target and renamed into place, so a crash never leaves one that loads half.
     """
+    check_adapter_name(adapter_name)
+    write_state(directory, extract(model, adapter_name), adapter_name)
+
+
+def _meta(state: AdapterState, adapter_name: str) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "adapter_name": adapter_name,
+        "config": state.config.to_dict(),
+        "layers": {
+            p: {"kernel_shape": list(s.kernel_shape), "r": s.r} for p, s in state.layers.items()
+        },
+        "modules_to_save": {p: sorted(v) for p, v in state.modules_to_save.items()},
+    }
+
+
+def _tree(state: AdapterState) -> dict[str, Any]:
+    return {
+        "layers": {
+            _slot(i): {"values": s.values, "indices": s.indices}
+            for i, s in enumerate(state.layers.values())
+        },
+        "modules": {
+            _slot(i): {_slot(j): params[k] for j, k in enumerate(sorted(params))}
+            for i, params in enumerate(state.modules_to_save.values())
+        },
+    }
+
+
+def write_state(
+    directory: str | os.PathLike, state: AdapterState, adapter_name: str = "default"
+) -> None:
+    """Write `state` as an orbax adapter checkpoint (every process calls it; atomic)."""
     import orbax.checkpoint as ocp
     from etils import epath
     from jax.experimental import multihost_utils
 
-
-    check_adapter_name(adapter_name)
-    layers = {p: layer for p, layer in shira_layers(model) if adapter_name in layer.adapter_names}
-    if not layers:
-        raise KeyError(f"The model has no adapter {adapter_name!r}.")
-    modules = {}
-    for path, node in named_modules(model):
-        if isinstance(node, ModulesToSave) and adapter_name in node.modules_to_save:
-            state = nnx.state(node.modules_to_save[adapter_name])
-            modules[path] = {
-                ".".join(str(k) for k in key): v.get_value() for key, v in nnx.to_flat_state(state)
-            }
-    config = adapter_configs(model).get(adapter_name)
-    meta = {
-        "format": FORMAT,
-        "version": VERSION,
-        "adapter_name": adapter_name,
-        "config": config.to_dict() if config is not None else None,
-        "layers": {
-            p: {"kernel_shape": list(m.base_layer.kernel.shape), "r": m.r[adapter_name]}
-            for p, m in layers.items()
-        },
-        "modules_to_save": {p: sorted(v) for p, v in modules.items()},
-    }
-    tree = {
-        "layers": {
-            _slot(i): {
-                "values": m.shira_weight[adapter_name].get_value(),
-                "indices": m.shira_indices[adapter_name].get_value(),
-            }
-            for i, m in enumerate(layers.values())
-        },
-        "modules": {
-            _slot(i): {_slot(j): modules[p][k] for j, k in enumerate(sorted(modules[p]))}
-            for i, p in enumerate(meta["modules_to_save"])
-        },
-    }
+    meta, tree = _meta(state, adapter_name), _tree(state)
     remote = "://" in str(directory)
     target = epath.Path(directory if remote else os.path.abspath(directory))
     lead = jax.process_index() == 0
+    sync = multihost_utils.sync_global_devices
     if remote:  # object stores have no atomic rename: the metadata file, written last, commits
         if lead:
             if target.exists():
                 target.rmtree()
             target.mkdir(parents=True)
-        multihost_utils.sync_global_devices("shira_save_adapter:start")
+        sync("shira_save_adapter:start")
         ocp.PyTreeCheckpointer().save(target / ARRAYS_DIR, tree)
         if lead:
             (target / META_FILE).write_text(json.dumps(meta, indent=2))
-        multihost_utils.sync_global_devices("shira_save_adapter:done")
+        sync("shira_save_adapter:done")
         return
     tmp = target.parent / f".{target.name}.tmp-shira"  # same name on every process
     if lead:
@@ -151,26 +133,93 @@ def save_adapter(
         if tmp.exists():
             tmp.rmtree()
         tmp.mkdir()
-    multihost_utils.sync_global_devices("shira_save_adapter:start")
+    sync("shira_save_adapter:start")
     try:
         ocp.PyTreeCheckpointer().save(tmp / ARRAYS_DIR, tree)
         if lead:
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+            atomic.write_json(tmp / META_FILE, meta)
     except BaseException:  # a killed save leaves nothing behind, and the old checkpoint intact
         if lead and tmp.exists():
             tmp.rmtree()
         raise
     if lead:
-        if target.exists():
-            old = target.parent / f".{target.name}.old-shira"
-            if old.exists():
-                old.rmtree()
-            target.rename(old)
-            tmp.rename(target)
-            old.rmtree()
-        else:
-            tmp.rename(target)
-    multihost_utils.sync_global_devices("shira_save_adapter:done")
+        atomic.replace_dir(tmp, target)
+    sync("shira_save_adapter:done")
+
+
+# ----------------------------------------------------------------------------- read
+
+
+def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
+    """The checked `shira_adapter.json` of a checkpoint directory."""
+    from etils import epath
+
+    source = epath.Path(directory if "://" in str(directory) else os.path.abspath(directory))
+    meta_path = source / META_FILE
+    if not meta_path.exists():
+        raise FileNotFoundError(
+            f"{source} is not a shira-jax adapter checkpoint (no {META_FILE}); it should be "
+            "the folder that shira_jax.save_adapter wrote."
+        )
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_path}: unknown format {meta.get('format')!r}.")
+    return meta
+
+
+def read_state(
+    directory: str | os.PathLike, placement: Placement | None = None
+) -> tuple[str, AdapterState]:
+    """`(stored adapter name, AdapterState)` of a checkpoint, whatever mesh saved it.
+
+    Arrays come back as host numpy, or onto `placement(path, kind, shape)`'s sharding.
+    """
+    import orbax.checkpoint as ocp
+    from etils import epath
+
+    meta = read_meta(directory)
+    source = epath.Path(directory if "://" in str(directory) else os.path.abspath(directory))
+    checkpointer = ocp.PyTreeCheckpointer()
+    saved = checkpointer.metadata(source / ARRAYS_DIR)
+    saved = getattr(getattr(saved, "item_metadata", saved), "tree", saved)
+
+    def restore_args(path: str, kind: str, leaf: Any) -> Any:
+        sharding = None if placement is None else placement(path, kind, tuple(leaf.shape))
+        if sharding is None:
+            return ocp.RestoreArgs(restore_type=np.ndarray)
+        return ocp.ArrayRestoreArgs(
+            sharding=sharding, global_shape=tuple(leaf.shape), dtype=leaf.dtype
+        )
+
+    args: dict[str, Any] = {"layers": {}, "modules": {}}
+    for i, path in enumerate(meta["layers"]):
+        slot = saved["layers"][_slot(i)]
+        args["layers"][_slot(i)] = {k: restore_args(path, k, slot[k]) for k in slot}
+    for i, var_paths in enumerate(meta.get("modules_to_save", {}).values()):
+        args["modules"][_slot(i)] = {
+            _slot(j): ocp.RestoreArgs(restore_type=np.ndarray) for j in range(len(var_paths))
+        }
+    tree = checkpointer.restore(source / ARRAYS_DIR, restore_args=args)
+    return meta["adapter_name"], _state(meta, tree)
+
+
+def _state(meta: Mapping[str, Any], tree: Mapping[str, Any]) -> AdapterState:
+    layers = {}
+    for i, (path, info) in enumerate(meta["layers"].items()):
+        arrays = tree["layers"][_slot(i)]
+        layers[path] = LayerState(
+            arrays["indices"], arrays["values"], tuple(info["kernel_shape"]), int(info["r"])
+        )
+    modules = {
+        path: {var: tree["modules"][_slot(i)][_slot(j)] for j, var in enumerate(var_paths)}
+        for i, (path, var_paths) in enumerate(meta.get("modules_to_save", {}).items())
+    }
+    config = (
+        ShiraConfig.from_dict(meta["config"])
+        if meta.get("config")
+        else ShiraConfig.stored_indices(max(s.r for s in layers.values()), tuple(layers))
+    )
+    return AdapterState(config, layers, modules)
 
 
 def load_adapter(
@@ -187,158 +236,45 @@ def load_adapter(
     kernel already lives on; else one device). Stacked layers are restored whole. Everything
     is read and checked before the model changes.
     """
-    import orbax.checkpoint as ocp
-    from etils import epath
-
-    from shira_jax.stacked import apply_shira_stacked
-
-    source = epath.Path(directory if "://" in str(directory) else os.path.abspath(directory))
-    meta_path = source / META_FILE
-    if not meta_path.exists():
-        raise FileNotFoundError(
-            f"{source} is not a shira-jax adapter checkpoint (no {META_FILE})."
-        )
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_path}: unknown format {meta.get('format')!r}.")
+    meta = read_meta(directory)
     name = check_adapter_name(adapter_name or meta["adapter_name"])
     modules = dict(named_modules(model))
-    checkpointer = ocp.PyTreeCheckpointer()
-    saved = checkpointer.metadata(source / ARRAYS_DIR)
-    saved = getattr(getattr(saved, "item_metadata", saved), "tree", saved)
-
-    def target(meta_leaf: Any, kernel: Any, stacked_axes: int) -> Any:
-        value = kernel.get_value()
-        kmesh = mesh
-        if kmesh is None and isinstance(getattr(value, "sharding", None), NamedSharding):
-            kmesh = value.sharding.mesh
-        if kmesh is None:
-            return ocp.RestoreArgs(restore_type=np.ndarray)
-        spec = [None] * len(meta_leaf.shape)
-        current = getattr(value, "sharding", None)
-        if stacked_axes and isinstance(current, NamedSharding) and current.mesh == kmesh:
-            spec[:stacked_axes] = tuple(current.spec)[:stacked_axes]
-        return ocp.ArrayRestoreArgs(
-            sharding=NamedSharding(kmesh, PartitionSpec(*spec)),
-            global_shape=tuple(meta_leaf.shape),
-            dtype=meta_leaf.dtype,
-        )
-
-    args: dict[str, Any] = {"layers": {}, "modules": {}}
-    kernels = {}
-    for i, (path, info) in enumerate(meta["layers"].items()):
-        if path not in modules:
+    for path, info in meta["layers"].items():
+        view = kernel_view(unwrap(modules[path])) if path in modules else None
+        if view is None:
             raise ValueError(f"Checkpoint layer {path} does not exist in this model.")
-        kernel = getattr(modules[path], "base_layer", modules[path]).kernel
-        if list(kernel.shape) != list(info["kernel_shape"]):
+        if list(view.shape) != list(info["kernel_shape"]):
             raise ValueError(
                 f"Layer {path}: checkpoint made for kernel {info['kernel_shape']}, "
-                f"this model has {list(kernel.shape)}."
+                f"this model has {list(view.shape)}."
             )
-        kernels[path] = kernel
-        slot = saved["layers"][_slot(i)]
-        lead = len(info["kernel_shape"]) - 2
-        args["layers"][_slot(i)] = {
-            k: target(slot[k], kernel, lead) for k in ("values", "indices")
-        }
-    for i, var_paths in enumerate(meta.get("modules_to_save", {}).values()):
-        args["modules"][_slot(i)] = {
-            _slot(j): ocp.RestoreArgs(restore_type=np.ndarray) for j in range(len(var_paths))
-        }
-    tree = checkpointer.restore(source / ARRAYS_DIR, restore_args=args)
-
-    indices, values = {}, {}
-    for i, path in enumerate(meta["layers"]):
-        arrays = tree["layers"][_slot(i)]
-        kernel_shape = tuple(kernels[path].shape)
-        idx, vals = arrays["indices"], arrays["values"]
-        if tuple(idx.shape[:-2]) != kernel_shape[:-2] or tuple(vals.shape) != (
-            *kernel_shape[:-2],
-            idx.shape[-1],
-        ):
+    _, state = read_state(directory, _placement(modules, mesh))
+    for path, layer in state.layers.items():
+        idx, vals, shape = layer.indices, layer.values, layer.kernel_shape
+        if tuple(idx.shape[:-2]) != shape[:-2] or tuple(vals.shape) != (*shape[:-2], idx.shape[-1]):
             raise ValueError(
                 f"Layer {path}: indices {tuple(idx.shape)} / values {tuple(vals.shape)} do not "
-                f"fit kernel {kernel_shape}."
+                f"fit kernel {shape}."
             )
-        indices[path], values[path] = idx, vals
-    config = (
-        ShiraConfig.from_dict(meta["config"])
-        if meta.get("config")
-        else ShiraConfig(
-            r=max(v["r"] for v in meta["layers"].values()),
-            mask_type="custom",
-            mask_fn=_no_mask_fn,
-            target_modules=tuple(meta["layers"]),
-        )
-    )
-    module_values = _check_module_arrays(model, meta, tree)
-    apply_shira_stacked(model, config, name, indices=indices, values=values)
-    for path, params in module_values.items():
-        copy = get_submodule(model, path).modules_to_save[name]
-        for var_path, array in params.items():
-            _variable(copy, var_path)[...] = array
+    inject(model, name, state, source=str(directory))
 
 
-def _restore_numpy(path: Path) -> Any:
-    """Read an orbax tree as host numpy arrays, whatever devices or mesh saved it.
+def _placement(modules: Mapping[str, nnx.Module], mesh: Any) -> Placement:
+    """Restore each layer's arrays next to its kernel: replicated over the matrix axes, split
+    like the kernel over its stacked axes (on `mesh`, or the mesh the kernel lives on)."""
 
-    Arrays written from a mesh (`sharding.save_adapter`) would otherwise be restored onto
-    their saved sharding, which fails when the device count differs.
-    """
-    import orbax.checkpoint as ocp
+    def place(path: str, kind: str, shape: tuple[int, ...]) -> Any:
+        value = unwrap(modules[path]).kernel.get_value()
+        current = getattr(value, "sharding", None)
+        kmesh = mesh
+        if kmesh is None and isinstance(current, NamedSharding):
+            kmesh = current.mesh
+        if kmesh is None:
+            return None
+        lead = value.ndim - 2
+        spec = [None] * len(shape)
+        if lead and isinstance(current, NamedSharding) and current.mesh == kmesh:
+            spec[:lead] = tuple(current.spec)[:lead]
+        return NamedSharding(kmesh, PartitionSpec(*spec))
 
-    checkpointer = ocp.PyTreeCheckpointer()
-    saved = checkpointer.metadata(path)
-    saved = getattr(getattr(saved, "item_metadata", saved), "tree", saved)
-    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)
-    return checkpointer.restore(path, restore_args=args)
-
-
-def _check_module_arrays(model: nnx.Module, meta: dict[str, Any], tree: dict[str, Any]) -> dict:
-    out = {}
-    for i, (path, var_paths) in enumerate(meta.get("modules_to_save", {}).items()):
-        try:
-            module = get_submodule(model, path)
-        except (AttributeError, KeyError, IndexError, ValueError) as err:
-            raise ValueError(f"modules_to_save {path} does not exist in this model.") from err
-        if isinstance(module, ModulesToSave):
-            module = module.original_module
-        arrays = tree["modules"][_slot(i)]
-        params = {}
-        for j, var_path in enumerate(var_paths):
-            expected = tuple(_variable(module, var_path).shape)
-            got = np.asarray(arrays[_slot(j)])
-            if got.shape != expected:
-                raise ValueError(f"{path}.{var_path}: saved shape {got.shape}, model {expected}.")
-            params[var_path] = got
-        out[path] = params
-    return out
-
-
-def _variable(module: nnx.Module, var_path: str) -> nnx.Variable:
-    owner, _, leaf = var_path.rpartition(".")
-    node = get_submodule(module, owner) if owner else module
-    return node[leaf] if isinstance(node, nnx.Dict) else getattr(node, leaf)
-
-
-def _layer_r(model: nnx.Module, path: str, adapter_name: str) -> int:
-    return dict(shira_layers(model))[path].r[adapter_name]
-
-
-def _slot(i: int) -> str:
-    return f"{i:05d}"
-
-
-def _no_mask_fn(*_: Any, **__: Any) -> Any:
-    raise ValueError("This adapter's indices come from its checkpoint; it has no mask_fn.")
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move `new` to `target`, replacing any old checkpoint only once the new one is whole."""
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)
+    return place

@@ -49,7 +49,7 @@ _PEFT_FIELDS: tuple[str, ...] = (
     "peft_version",
 )
 # Our options that PEFT has no field for; stored under this key so PEFT ignores them.
-_EXTRA_KEY = "shira_jax"
+EXTRA_KEY = "shira_jax"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -161,7 +161,7 @@ class ShiraConfig:
             out[name] = sorted(value) if isinstance(value, tuple) else value
         if self.mask_type == "custom":
             out["mask_type"] = "custom"
-        out[_EXTRA_KEY] = {
+        out[EXTRA_KEY] = {
             "grad_reduction": self.grad_reduction,
             "topk_scope": self.topk_scope,
             "exclude_adapters": list(self.exclude_adapters),
@@ -176,20 +176,36 @@ class ShiraConfig:
         if str(peft_type).upper() != "SHIRA":
             raise ValueError(f"Not a SHiRA config: peft_type is {peft_type!r}, expected 'SHIRA'.")
         kwargs = {k: data[k] for k in _PEFT_FIELDS if k in data}
-        kwargs.update(data.get(_EXTRA_KEY) or {})
+        kwargs.update(data.get(EXTRA_KEY) or {})
         if kwargs.get("mask_type") not in MASK_TYPES:
             # Adapters saved with a custom PEFT mask: the indices are in the file.
             kwargs["mask_type"] = "custom"
-            kwargs["mask_fn"] = _mask_fn_unavailable
+            kwargs["mask_fn"] = stored_indices_mask_fn
         elif kwargs.get("mask_type") == "custom":
-            kwargs["mask_fn"] = _mask_fn_unavailable
+            kwargs["mask_fn"] = stored_indices_mask_fn
         return cls(**kwargs)
 
+    @classmethod
+    def stored_indices(cls, r: int, target_modules: Sequence[str] = ()) -> ShiraConfig:
+        """The config of an adapter known only by its stored indices (no config was saved).
 
-def _mask_fn_unavailable(base_layer: Any, r: int, **kwargs: Any) -> Any:
+        >>> ShiraConfig.stored_indices(4).mask_type
+        'custom'
+        """
+        return cls(
+            r=r,
+            mask_type="custom",
+            mask_fn=stored_indices_mask_fn,
+            target_modules=tuple(target_modules),
+        )
+
+
+def stored_indices_mask_fn(base_layer: Any, r: int, **kwargs: Any) -> Any:
+    """The `mask_fn` of an adapter whose indices were loaded or derived (custom masks are not
+    saved, fused adapters take their parts' indices): calling it is an error."""
     raise ValueError(
-        "This config came from a file with a custom mask: its mask_fn is not saved. "
-        "Load the adapter's indices from the file, or pass mask_fn=... to build new ones."
+        "This adapter's indices come from a file or from other adapters: its mask_fn is not "
+        "saved. Load the adapter's indices from the file, or pass mask_fn=... to build new ones."
     )
 
 

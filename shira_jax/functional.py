@@ -81,20 +81,16 @@ def init(
     for i, path in enumerate(chosen):
         kernel = leaves[path]
         n_in, n_out = kernel.shape
-        nnz = masks.shira_budget(n_in, n_out, config.r, layer_name=path)
-        if config.mask_fn is not None:
-            idx = masks.mask_from_dense(np.asarray(config.mask_fn(kernel, config.r)))
-        elif config.mask_type == "random":
-            idx = masks.random_mask(n_in, n_out, config.r, seed=config.random_seed)
-        elif config.mask_type == "struct":
-            idx = masks.struct_mask(n_in, n_out, config.r, stride=config.struct_stride)
-        elif config.mask_type == "weight_magnitude":
-            idx = masks.weight_magnitude_mask(np.asarray(kernel), config.r)
-        else:
+        if config.mask_fn is None and config.needs_calibration:
             raise ValueError(
                 f'functional.init supports "random", "struct", "weight_magnitude" and custom '
                 f"masks; for {config.mask_type!r} compute scores and pass mask_fn."
             )
+        idx = masks.make_mask(
+            config, n_in, n_out, layer_name=path, kernel=np.asarray(kernel),
+            custom=lambda kernel=kernel: config.mask_fn(kernel, config.r),
+        )
+        nnz = idx.shape[1]
         indices[path] = jnp.asarray(idx, jnp.int32)
         if config.init_weights:
             values[path] = jnp.zeros((nnz,), jnp.float32)

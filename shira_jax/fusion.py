@@ -30,14 +30,10 @@ import numpy as np
 from flax import nnx
 
 from shira_jax import masks
+from shira_jax.config import stored_indices_mask_fn
 from shira_jax.layer import ShiraDense
-from shira_jax.model import (
-    _require_adapters,
-    active_adapters,
-    adapter_configs,
-    check_adapter_name,
-    shira_layers,
-)
+from shira_jax.model import active_adapters, adapter_configs, require_adapters, shira_layers
+from shira_jax.util import check_adapter_name
 
 
 def fuse_adapters(model: nnx.Module, weights: Mapping[str, float], new_name: str) -> None:
@@ -49,7 +45,7 @@ def fuse_adapters(model: nnx.Module, weights: Mapping[str, float], new_name: str
     check_adapter_name(new_name)
     if not weights:
         raise ValueError("fuse_adapters needs at least one adapter weight.")
-    _require_adapters(model, list(weights))
+    require_adapters(model, list(weights))
     layers = shira_layers(model)
     if any(new_name in layer.adapter_names for _, layer in layers):
         raise ValueError(f"Adapter {new_name!r} already exists; pick another name.")
@@ -71,7 +67,7 @@ def fuse_adapters(model: nnx.Module, weights: Mapping[str, float], new_name: str
     if first is not None:
         model.shira_configs = {
             **adapter_configs(model),
-            new_name: first.replace(mask_type="custom", mask_fn=_fused_mask_fn),
+            new_name: first.replace(mask_type="custom", mask_fn=stored_indices_mask_fn),
         }
 
 
@@ -86,10 +82,6 @@ def _fused(
         ]
     )
     return masks.canonicalize(idx, vals, (layer.in_features, layer.out_features))
-
-
-def _fused_mask_fn(*_: object, **__: object) -> None:
-    raise ValueError("A fused adapter's indices come from its parts; it has no mask_fn.")
 
 
 def awom(delta_a: jnp.ndarray, delta_b: jnp.ndarray) -> float:
@@ -108,7 +100,7 @@ def adapter_orthogonality(model: nnx.Module, a: str, b: str) -> dict[str, dict[s
 
     Returns `{path: {"awom": ..., "awor": ...}, ..., "mean": {...}}`.
     """
-    _require_adapters(model, [a, b])
+    require_adapters(model, [a, b])
     out: dict[str, dict[str, float]] = {}
     for path, layer in shira_layers(model):
         if a in layer.adapter_names and b in layer.adapter_names:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from shira_jax import ops, sharding
+from shira_jax import kernels, ops
+from shira_jax.util import as_tuple
 
 
 class ShiraParam(nnx.Param):
@@ -42,10 +43,6 @@ class ShiraIndices(nnx.Variable):
 
 class ShiraMergeBackup(nnx.Variable):
     """Kernel entries a merge overwrote, so that unmerge restores them bit for bit."""
-
-
-def _tuple(names: str | Sequence[str]) -> tuple[str, ...]:
-    return (names,) if isinstance(names, str) else tuple(names)
 
 
 class ShiraDense(nnx.Module):
@@ -140,12 +137,12 @@ class ShiraDense(nnx.Module):
                 f"of shape {tuple(values.shape)}; they must be [nnz]."
             )
         kind = ShiraParam if active else ShiraFrozenValues
-        # Sharding metadata derived from the kernel's (sharding.adapter_metadata); the arrays
+        # Sharding metadata derived from the kernel's (kernels.adapter_metadata); the arrays
         # are placed on the kernel's mesh, so nnx.get_partition_spec + jit need nothing else.
         kernel = self.base_layer.kernel
-        vmeta, imeta = sharding.adapter_metadata(kernel)
-        values = sharding.place_like_kernel(values, kernel.get_value())
-        idx = sharding.place_like_kernel(idx, kernel.get_value())
+        vmeta, imeta = kernels.adapter_metadata(kernel)
+        values = kernels.place_like_kernel(values, kernel.get_value())
+        idx = kernels.place_like_kernel(idx, kernel.get_value())
         self.shira_weight[adapter] = kind(values, **vmeta)
         self.shira_indices[adapter] = ShiraIndices(idx, **imeta)
         self.r = {**self.r, adapter: int(r)}
@@ -165,7 +162,7 @@ class ShiraDense(nnx.Module):
 
     def set_adapter(self, adapters: str | Sequence[str]) -> None:
         """Make `adapters` the active ones; only active adapters' values train."""
-        names = _tuple(adapters)
+        names = as_tuple(adapters)
         self.active_adapters = names
         for name in self.adapter_names:
             variable = self.shira_weight[name]
@@ -176,6 +173,20 @@ class ShiraDense(nnx.Module):
     def set_scale(self, adapter: str, scale: float) -> None:
         if adapter in self.scaling:  # as PEFT: silently skip layers without the adapter
             self.scaling = {**self.scaling, adapter: float(scale)}
+
+    def refresh_placement(self) -> None:
+        """Re-derive the adapters' sharding metadata from the kernel's and re-place them.
+
+        Use after changing the kernel's `out_sharding` (e.g. `sharding.annotate`).
+        """
+        vmeta, imeta = kernels.adapter_metadata(self.base_layer.kernel)
+        kernel = self.base_layer.kernel.get_value()
+        for group, meta in ((self.shira_weight, vmeta), (self.shira_indices, imeta)):
+            for name in list(group.keys()):
+                var = group[name]
+                old = {k: v for k, v in var.get_metadata().items() if k != "out_sharding"}
+                old.update(meta)
+                group[name] = type(var)(kernels.place_like_kernel(var.get_value(), kernel), **old)
 
     # ------------------------------------------------------------------ math
     def get_delta_weight(self, adapter: str) -> jax.Array:
@@ -199,7 +210,7 @@ class ShiraDense(nnx.Module):
 
     def _scatter(self, kernel: Any) -> Any:
         # shard-local scatter when the kernel is split over a mesh, else ops.scatter_delta
-        return sharding.scatter_fn(self.base_layer.kernel, kernel)
+        return kernels.scatter_fn(self.base_layer.kernel, kernel)
 
     def _patched(
         self,
@@ -270,7 +281,7 @@ class ShiraDense(nnx.Module):
         self, adapter_names: Sequence[str] | None = None
     ) -> tuple[jax.Array, dict[str, jax.Array], tuple[str, ...]]:
         """Merged kernel, per-adapter backups and names to merge, without changing the layer."""
-        names = self.active_adapters if adapter_names is None else _tuple(adapter_names)
+        names = self.active_adapters if adapter_names is None else as_tuple(adapter_names)
         names = tuple(a for a in names if a in self.shira_weight and a not in self.merged_adapters)
         kernel = self.base_layer.kernel[...]
         backups: dict[str, jax.Array] = {}
@@ -358,7 +369,7 @@ class ShiraDense(nnx.Module):
         for name in (old, new):
             if name is not None:
                 self._require(name)
-        _switch_layers([self], old, new, safe_merge=safe_merge)
+        switch_layers([self], old, new, safe_merge=safe_merge)
 
     def _switch_plan(
         self, old: str | None, new: str | None, *, unmerge_all: bool = False
@@ -462,10 +473,10 @@ def _run_switch_plans(plans: list[_SwitchPlan], *, check_finite: bool = False) -
             layer.merged_adapters = p.order
 
 
-def _switch_layers(
+def switch_layers(
     layers: Sequence[ShiraDense], old: str | None, new: str | None, *, safe_merge: bool = False
 ) -> None:
-    """`ShiraDense.switch` over many layers (see `switch_adapter`)."""
+    """`ShiraDense.switch` over many plain (2-D) layers, one compiled pass per kernel."""
     plans = [layer._switch_plan(old, new) for layer in layers]
     _run_switch_plans(plans, check_finite=safe_merge)
     if old is None or new is None:
@@ -494,3 +505,140 @@ def _kernel_swapped(layer: nnx.Module, kernel: jax.Array) -> Iterator[None]:
         yield
     finally:
         variable.set_value(original)
+
+
+# ----------------------------------------------------------------------------- any kernel view
+
+
+def unwrap(module: Any) -> Any:
+    """The wrapped base layer of a `ShiraDense`; any other module as it is."""
+    return module.base_layer if isinstance(module, ShiraDense) else module
+
+
+def is_stacked(layer: Any) -> bool:
+    """True for a `ShiraDense` / `nnx.Linear` whose kernel has a leading layer axis."""
+    kernel = getattr(unwrap(layer), "kernel", None)
+    return kernel is not None and kernel.ndim == 3
+
+
+def _stack_axis_name(layer: Any) -> Any:
+    """The name the layer axis carries in the kernel's `out_sharding` (None if unannotated)."""
+    kernel = unwrap(layer).kernel
+    spec = kernel.get_metadata().get("out_sharding")
+    return spec[0] if spec and len(spec) == kernel.ndim else None
+
+
+def per_slice(
+    fn: Callable[..., Any], layer: Any, *, in_axes: Any = 0, out_axes: Any = 0
+) -> Callable[..., Any]:
+    """`nnx.vmap(fn)` over the stack axis of a stacked layer, keeping its sharding name."""
+    return nnx.vmap(
+        fn,
+        in_axes=in_axes,
+        out_axes=out_axes,
+        transform_metadata={nnx.PARTITION_NAME: _stack_axis_name(layer)},
+    )
+
+
+def _sharding(layer: Any) -> Any:
+    return getattr(unwrap(layer).kernel.get_value(), "sharding", None)
+
+
+def _restore_placement(layer: ShiraDense, before: Any) -> None:
+    """Eager `nnx.vmap` outputs may land anywhere: put the kernel back on `before` (its
+    sharding before the vmap) and the adapters next to it."""
+    after = layer.base_layer.kernel.get_value()
+    if before is not None and getattr(after, "sharding", None) != before:
+        layer.base_layer.kernel.set_value(jax.device_put(after, before))
+    kernel = layer.base_layer.kernel.get_value()
+    for group in (layer.shira_weight, layer.shira_indices):
+        for name in list(group.keys()):
+            var = group[name]
+            var.set_value(kernels.place_like_kernel(var.get_value(), kernel))
+
+
+def attach_adapter(
+    node: nnx.Module,
+    adapter: str,
+    indices: Any,
+    values: Any,
+    *,
+    r: int,
+    active: Sequence[str],
+    path: str = "",
+) -> ShiraDense:
+    """Add `adapter` to `node` (a `ShiraDense`, or a layer it then wraps) and return the wrapper.
+
+    `indices` `[*stack, 2, nnz]` and `values` `[*stack, nnz]` follow the kernel's view: a
+    stacked kernel `[L, in, out]` gets one mask per slice (the layer is built under
+    `nnx.vmap`, so inside `nnx.scan` each step sees an ordinary 2-D `ShiraDense`).
+    """
+    is_active = adapter in active
+    if not is_stacked(node):
+        layer = node if isinstance(node, ShiraDense) else ShiraDense(node, name=path)
+        layer.add_adapter(adapter, indices, r=r, values=values, active=is_active)
+        if layer is not node:
+            layer.set_adapter(tuple(active))
+        return layer
+    idx = jnp.asarray(indices, jnp.int32)
+    if isinstance(node, ShiraDense):
+
+        def add(layer: ShiraDense, i: jax.Array, v: jax.Array) -> None:
+            layer.add_adapter(adapter, i, r=r, values=v, active=is_active)
+
+        before = _sharding(node)
+        per_slice(add, node, in_axes=(0, 0, 0), out_axes=None)(node, idx, values)
+        _restore_placement(node, before)
+        return node
+    graphdef, state = nnx.split(node)
+    before = _sharding(node)
+
+    def build(state: nnx.State, i: jax.Array, v: jax.Array) -> ShiraDense:
+        layer = ShiraDense(nnx.merge(graphdef, state), name=path)
+        layer.add_adapter(adapter, i, r=r, values=v, active=is_active)
+        layer.set_adapter(tuple(active))
+        return layer
+
+    layer = per_slice(build, node, in_axes=(0, 0, 0), out_axes=0)(state, idx, values)
+    _restore_placement(layer, before)
+    return layer
+
+
+def delta_weight(layer: ShiraDense, adapter: str) -> jax.Array:
+    """Dense delta `[*stack, in, out]` of one adapter (`get_delta_weight` per slice)."""
+    if not is_stacked(layer):
+        return layer.get_delta_weight(adapter)
+    return per_slice(lambda m: m.get_delta_weight(adapter), layer)(layer)
+
+
+def plan_merge(
+    layer: ShiraDense, adapter_names: Sequence[str] | None
+) -> tuple[jax.Array, dict[str, jax.Array], tuple[str, ...]]:
+    """`ShiraDense.plan_merge` for any kernel view (stacked slices merge one by one)."""
+    if not is_stacked(layer):
+        return layer.plan_merge(adapter_names)
+    kernel, backups = per_slice(lambda m: m.plan_merge(adapter_names)[:2], layer)(layer)
+    chosen = layer.active_adapters if adapter_names is None else adapter_names
+    todo = tuple(a for a in chosen if a in layer.adapter_names and a not in layer.merged_adapters)
+    return kernel, backups, todo
+
+
+def commit_merge(
+    layer: ShiraDense, kernel: jax.Array, backups: dict[str, jax.Array], names: Sequence[str]
+) -> None:
+    """Write a `plan_merge` result into the layer, keeping the kernel's placement."""
+    before = _sharding(layer)
+    layer.commit_merge(kernel, {a: backups[a] for a in names}, names)
+    _restore_placement(layer, before)
+
+
+def unmerge_layer(layer: ShiraDense) -> None:
+    """`ShiraDense.unmerge` for any kernel view: the original kernel, bit for bit."""
+    if not layer.merged:
+        return
+    if not is_stacked(layer):
+        layer.unmerge()
+        return
+    before = _sharding(layer)
+    per_slice(lambda m: m.unmerge(), layer, out_axes=None)(layer)
+    _restore_placement(layer, before)

@@ -26,8 +26,8 @@ This module is pure numpy: it never imports torch (jax arrays are accepted as in
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -36,7 +36,9 @@ __all__ = [
     "PEFT_UNSEEDED_SEED",
     "TORCH_RANDPERM_SMALL_N_LIMIT",
     "canonicalize",
+    "from_custom",
     "gradient_mask",
+    "make_mask",
     "mask_from_dense",
     "mask_to_dense",
     "max_rank",
@@ -712,3 +714,85 @@ def canonicalize(
     summed = np.zeros(uniq.size, dtype=val.dtype)
     np.add.at(summed, inverse, val)
     return _from_flat(uniq, out_features), summed
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def from_custom(result: npt.ArrayLike, in_features: int, out_features: int, *, layer_name: str
+                ) -> np.ndarray:
+    """What a custom `mask_fn` returned (a 0/1 `[in, out]` mask or `[2, nnz]` indices) as
+    sorted unique int32 `[2, nnz]` indices.
+
+    >>> from_custom(np.array([[1, 0], [0, 1]]), 2, 2, layer_name="x").tolist()
+    [[0, 1], [0, 1]]
+    """
+    result = np.asarray(result)
+    if result.shape == (in_features, out_features):
+        return mask_from_dense(result, layer_name=layer_name)
+    if result.ndim == 2 and result.shape[0] == 2:
+        idx = validate_indices(result, in_features, out_features, layer_name=layer_name)
+        idx, _ = canonicalize(idx, np.zeros(idx.shape[1], np.float32), (in_features, out_features))
+        return idx
+    raise ValueError(
+        f"mask_fn for {layer_name} returned shape {result.shape}; expected a 0/1 mask of the "
+        f"kernel's shape {(in_features, out_features)} or [2, nnz] indices."
+    )
+
+
+def make_mask(
+    config: Any,
+    in_features: int,
+    out_features: int,
+    *,
+    layer_name: str,
+    kernel: npt.ArrayLike | None = None,
+    grad: npt.ArrayLike | None = None,
+    exclude: Sequence[npt.ArrayLike] = (),
+    custom: Callable[[], npt.ArrayLike] | None = None,
+) -> np.ndarray:
+    """The one mask dispatch: `[2, nnz]` indices for one `[in, out]` matrix, as `config` asks.
+
+    `config` is a `ShiraConfig` (its `r`, `mask_type`, `mask_fn`, `random_seed`,
+    `struct_stride` are read). `kernel` is needed by "weight_magnitude" and "snip", `grad` by
+    "gradient" and "snip"; `exclude` holds other adapters' indices to avoid (score-based
+    masks only). When `config.mask_fn` is set (it wins, as in PEFT), `custom()` calls it.
+
+    >>> from shira_jax.config import ShiraConfig
+    >>> make_mask(ShiraConfig(r=1, mask_type="struct"), 4, 4, layer_name="x").shape
+    (2, 8)
+    """
+    nnz = shira_budget(in_features, out_features, config.r, layer_name=layer_name)
+    kind = config.mask_type
+    if config.mask_fn is not None:
+        if custom is None:
+            raise ValueError(f"{layer_name}: config.mask_fn is set but nothing can call it here.")
+        idx = from_custom(custom(), in_features, out_features, layer_name=layer_name)
+    elif kind == "random":
+        if len(exclude):
+            raise ValueError(
+                f'exclude_adapters works with score-based masks; mask_type="random" makes '
+                f"PEFT's exact mask and cannot avoid positions ({layer_name})."
+            )
+        idx = random_mask(in_features, out_features, config.r, seed=config.random_seed)
+    elif kind == "struct":
+        idx = struct_mask(in_features, out_features, config.r, stride=config.struct_stride)
+    elif kind == "weight_magnitude":
+        idx = weight_magnitude_mask(_needed(kernel, "kernel", kind), config.r, exclude=exclude)
+    elif kind == "gradient":
+        idx = gradient_mask(_needed(grad, "grad", kind), config.r, exclude=exclude)
+    elif kind == "snip":
+        idx = snip_mask(
+            _needed(kernel, "kernel", kind), _needed(grad, "grad", kind), config.r, exclude=exclude
+        )
+    else:
+        raise ValueError(f"{layer_name}: mask_type {kind!r} needs mask_fn.")
+    if idx.shape[1] != nnz:
+        raise ValueError(f"Mask for {layer_name} has {idx.shape[1]} entries; the budget is {nnz}.")
+    return idx
+
+
+def _needed(array: npt.ArrayLike | None, name: str, kind: str) -> np.ndarray:
+    if array is None:
+        raise ValueError(f'mask_type="{kind}" needs the {name}; none was given.')
+    return np.asarray(array)

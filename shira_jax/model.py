@@ -21,7 +21,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -32,33 +31,49 @@ from flax import nnx
 
 from shira_jax import masks
 from shira_jax.config import ShiraConfig, resolve_targets
-from shira_jax.layer import ShiraDense, _tuple
+from shira_jax.kernels import KernelView, kernel_view
+from shira_jax.layer import (
+    ShiraDense,
+    attach_adapter,
+    commit_merge,
+    plan_merge,
+    switch_layers,
+    unmerge_layer,
+    unwrap,
+)
 from shira_jax.modules_to_save import ModulesToSave, select_modules_to_save, wrap_modules_to_save
+from shira_jax.util import as_tuple, check_adapter_name, dotted, get_submodule, set_submodule
 
-_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")
-
-
-def check_adapter_name(name: str) -> str:
-    """Adapter names become folder names in saved files: letters, digits, '_' and '-' only."""
-    if not isinstance(name, str) or not _ADAPTER_NAME.match(name):
-        raise ValueError(
-            f"Bad adapter name {name!r}: use letters, digits, '_' and '-' "
-            "(no path separators, dots or '..')."
-        )
-    return name
+__all__ = [
+    "active_adapters",
+    "adapter_configs",
+    "adapter_names",
+    "apply_shira",
+    "calibration_gradients",
+    "check_adapter_name",
+    "delete_adapter",
+    "disable_adapter",
+    "get_submodule",
+    "merge",
+    "merge_and_unload",
+    "named_modules",
+    "require_adapters",
+    "set_adapter",
+    "set_scale",
+    "set_submodule",
+    "shira_layers",
+    "switch_adapter",
+    "unmerge",
+]
 
 
 # ----------------------------------------------------------------------------- traversal
 
 
-def _dotted(path: tuple[Any, ...]) -> str:
-    return ".".join(str(p) for p in path)
-
-
 def named_modules(model: nnx.Module) -> Iterator[tuple[str, nnx.Module]]:
     """(dotted path, module) pairs, without the insides of SHiRA wrappers."""
     modules = [
-        (_dotted(path), node)
+        (dotted(path), node)
         for path, node in nnx.iter_graph(model)
         if path and isinstance(node, nnx.Module)
     ]
@@ -73,46 +88,27 @@ def shira_layers(model: nnx.Module) -> list[tuple[str, ShiraDense]]:
     return [(p, m) for p, m in named_modules(model) if isinstance(m, ShiraDense)]
 
 
-def get_submodule(model: nnx.Module, path: str) -> Any:
-    node: Any = model
-    for key in path.split("."):
-        node = (
-            node[int(key)]
-            if isinstance(node, nnx.List)
-            else (node[key] if isinstance(node, nnx.Dict) else getattr(node, key))
-        )
-    return node
-
-
-def set_submodule(model: nnx.Module, path: str, module: Any) -> None:
-    parent_path, _, key = path.rpartition(".")
-    parent = get_submodule(model, parent_path) if parent_path else model
-    if isinstance(parent, nnx.List):
-        parent[int(key)] = module
-    elif isinstance(parent, nnx.Dict):
-        parent[key] = module
-    else:
-        setattr(parent, key, module)
-
-
 def adapter_configs(model: nnx.Module) -> dict[str, ShiraConfig]:
     """The `ShiraConfig` of each adapter added to `model`, by name."""
     return dict(getattr(model, "shira_configs", None) or {})
 
 
 def active_adapters(model: nnx.Module) -> tuple[str, ...]:
+    """The names of the active adapters (those of the first SHiRA layer)."""
     layers = shira_layers(model)
     return layers[0][1].active_adapters if layers else ()
 
 
 def adapter_names(model: nnx.Module) -> tuple[str, ...]:
+    """Every adapter of `model`, in the order they were added."""
     names: dict[str, None] = dict.fromkeys(adapter_configs(model))
     for _, layer in shira_layers(model):
         names.update(dict.fromkeys(layer.adapter_names))
     return tuple(names)
 
 
-def _require_adapters(model: nnx.Module, names: Sequence[str]) -> None:
+def require_adapters(model: nnx.Module, names: Sequence[str]) -> None:
+    """Raise a KeyError naming the adapters of `names` that `model` does not have."""
     known = adapter_names(model)
     missing = [n for n in names if n not in known]
     if missing:
@@ -136,9 +132,12 @@ def apply_shira(
 ) -> nnx.Module:
     """Add a SHiRA adapter to every layer that `config.target_modules` selects, in place.
 
-    The first adapter of a model becomes active; later ones stay inactive (and untrained)
-    until `set_adapter`, as in PEFT. Everything is validated and every mask computed before
-    the model is touched, so a failure leaves the model as it was.
+    Every layer is seen through its kernel view (`shira_jax.kernels`): a plain kernel
+    `[in, out]` gets values `[nnz]` and indices `[2, nnz]`; a scan-stacked one `[L, in, out]`
+    (built under `nnx.vmap`) gets `[L, nnz]` and `[L, 2, nnz]`, one mask per layer. The first
+    adapter of a model becomes active; later ones stay inactive (and untrained) until
+    `set_adapter`, as in PEFT. Everything is validated and every mask computed before the
+    model is touched, so a failure leaves the model as it was.
 
     Args:
         model: any NNX module tree with `nnx.Linear` layers.
@@ -147,10 +146,10 @@ def apply_shira(
         loss_fn: `loss_fn(model, batch) -> scalar`, for the "gradient" and "snip" masks.
         calibration_data: batches for `loss_fn`; gradients w.r.t. the targeted kernels are
             accumulated over them (`config.grad_reduction`).
-        indices: dotted path -> `[2, nnz]` kernel-layout indices to use instead of making
-            masks (loaders use this; the paths are the targets).
-        values: dotted path -> `[nnz]` starting values (with `indices`; loaders use this).
-        key: PRNG key for `init_weights=False` draws.
+        indices: dotted path -> `[*stack, 2, nnz]` kernel-layout indices to use instead of
+            making masks (loaders use this; the paths are the targets).
+        values: dotted path -> `[*stack, nnz]` starting values (with `indices`).
+        key: PRNG key for `init_weights=False` draws (default: from `config.random_seed`).
         model_type: picks default targets when `target_modules` is None (else read from
             `model.config.model_type` when present).
 
@@ -161,104 +160,101 @@ def apply_shira(
     if not isinstance(config, ShiraConfig):
         raise TypeError(f"config must be a ShiraConfig, got {type(config).__name__}.")
     modules = dict(named_modules(model))
-    if indices is not None:
-        targets = list(indices)
-        unknown = [t for t in targets if t not in modules]
-        if unknown:
-            raise ValueError(f"No module at {unknown}; modules here: {list(modules)[:20]} ...")
-    else:
-        model_type = model_type or getattr(getattr(model, "config", None), "model_type", None)
-        linear_paths = [p for p, m in modules.items() if _is_linear(m)]
-        targets = resolve_targets(config, linear_paths, model_type=model_type)
-    layers = {t: _checked_target(t, modules[t], adapter_name) for t in targets}
+    targets = _targets(model, modules, config, indices, model_type)
+    views = {t: _checked_target(t, modules[t], adapter_name) for t in targets}
     save_paths = (
-        select_modules_to_save(modules, config.modules_to_save, list(layers))
+        select_modules_to_save(modules, config.modules_to_save, targets)
         if config.modules_to_save
         else []
     )
-
     if indices is not None:
-        new_indices = {
-            t: masks.validate_indices(indices[t], *_shape(layers[t]), layer_name=t) for t in targets
-        }
+        new_indices = {t: _given_indices(t, views[t], indices[t]) for t in targets}
     else:
-        new_indices = _make_masks(model, layers, config, loss_fn, calibration_data)
-
-    if values is not None:
-        for path, idx in new_indices.items():
-            got = np.shape(values[path]) if path in values else None
-            if got != (idx.shape[1],):
-                raise ValueError(
-                    f"Layer {path}: {idx.shape[1]} indices but values of shape {got}; "
-                    "values must be [nnz]."
-                )
+        new_indices = _make_masks(model, modules, views, config, loss_fn, calibration_data)
+    new_values = _start_values(config, views, new_indices, values, key)
 
     # ---- nothing above changed the model; from here on, commit.
-    previous = active_adapters(model)
-    active = previous if previous else (adapter_name,)
-    key = (
-        jax.random.key(0 if config.random_seed is None else config.random_seed)
-        if key is None
-        else key
-    )
-    for i, (path, node) in enumerate(layers.items()):
-        layer = node if isinstance(node, ShiraDense) else ShiraDense(node, name=path)
-        layer.add_adapter(
-            adapter_name,
-            new_indices[path],
-            r=config.r,
-            init_weights=config.init_weights,
-            key=jax.random.fold_in(key, i),
-            values=None if values is None else values[path],
-            active=adapter_name in active,
+    active = active_adapters(model) or (adapter_name,)
+    for path in targets:
+        node = modules[path]
+        layer = attach_adapter(
+            node, adapter_name, new_indices[path], new_values[path],
+            r=config.r, active=active, path=path,
         )
         if layer is not node:
-            layer.set_adapter(active)
             set_submodule(model, path, layer)
     wrap_modules_to_save(model, save_paths, adapter_name, active)
     model.shira_configs = {**adapter_configs(model), adapter_name: config}
     return model
 
 
-def _is_linear(module: nnx.Module) -> bool:
-    return isinstance(module, (nnx.Linear, ShiraDense))
+def _targets(
+    model: nnx.Module,
+    modules: Mapping[str, nnx.Module],
+    config: ShiraConfig,
+    indices: Mapping[str, Any] | None,
+    model_type: str | None,
+) -> list[str]:
+    if indices is not None:
+        unknown = [t for t in indices if t not in modules]
+        if unknown:
+            raise ValueError(f"No module at {unknown}; modules here: {list(modules)[:20]} ...")
+        return list(indices)
+    model_type = model_type or getattr(getattr(model, "config", None), "model_type", None)
+    candidates = [p for p, m in modules.items() if kernel_view(unwrap(m)) is not None]
+    return resolve_targets(config, candidates, model_type=model_type)
 
 
-def _shape(layer: nnx.Module) -> tuple[int, int]:
-    kernel = layer.base_layer.kernel if isinstance(layer, ShiraDense) else layer.kernel
-    return int(kernel.shape[0]), int(kernel.shape[1])
-
-
-def _kernel(layer: nnx.Module) -> jax.Array:
-    return (layer.base_layer if isinstance(layer, ShiraDense) else layer).kernel[...]
-
-
-def _checked_target(path: str, module: nnx.Module, adapter_name: str) -> nnx.Module:
-    if not _is_linear(module):
+def _checked_target(path: str, module: nnx.Module, adapter_name: str) -> KernelView:
+    view = kernel_view(unwrap(module))
+    if view is None:
+        kernel = getattr(unwrap(module), "kernel", None)
+        if isinstance(unwrap(module), nnx.Linear) and kernel is not None:
+            raise TypeError(
+                f"Target module {path} has a {kernel.ndim}-D kernel; SHiRA needs 2-D."
+            )
         raise TypeError(
             f"Target module {path} is a {type(module).__name__}; SHiRA supports nnx.Linear only. "
             "Narrow target_modules."
         )
-    kernel = _kernel(module)
-    if kernel.ndim != 2:
-        raise TypeError(f"Target module {path} has a {kernel.ndim}-D kernel; SHiRA needs 2-D.")
     if isinstance(module, ShiraDense) and adapter_name in module.adapter_names:
         raise ValueError(
             f"Adapter {adapter_name!r} already exists on {path}; pick another name or "
             "delete_adapter first."
         )
-    return module
+    return view
+
+
+def _given_indices(path: str, view: KernelView, given: Any) -> np.ndarray:
+    """Validated `[*stack, 2, nnz]` indices for `view` (one `[2, nnz]` check per slice)."""
+    idx = np.asarray(given)
+    if idx.shape[:-2] != view.stack_shape or idx.ndim != len(view.stack_shape) + 2:
+        if view.stacked:
+            raise ValueError(
+                f"Stacked layer {path}: indices of shape {idx.shape}; expected "
+                f"[{', '.join(map(str, view.stack_shape))}, 2, nnz] (or one [2, nnz] per "
+                "layers.N path)."
+            )
+    if not view.stacked:
+        return masks.validate_indices(idx, view.n_in, view.n_out, layer_name=path)
+    flat = idx.reshape(view.num_slices, *idx.shape[-2:])
+    out = [
+        masks.validate_indices(flat[i], view.n_in, view.n_out, layer_name=f"{path}[{i}]")
+        for i in range(view.num_slices)
+    ]
+    return np.stack(out).reshape(idx.shape)
 
 
 def _make_masks(
     model: nnx.Module,
-    layers: dict[str, nnx.Module],
+    modules: Mapping[str, nnx.Module],
+    views: Mapping[str, KernelView],
     config: ShiraConfig,
     loss_fn: Callable[[nnx.Module, Any], jax.Array] | None,
     calibration_data: Iterable[Any] | None,
 ) -> dict[str, np.ndarray]:
-    for path, layer in layers.items():
-        masks.shira_budget(*_shape(layer), config.r, layer_name=path)
+    for path, view in views.items():
+        masks.shira_budget(view.n_in, view.n_out, config.r, layer_name=path)
     grads: dict[str, np.ndarray] = {}
     if config.needs_calibration:
         if loss_fn is None or calibration_data is None:
@@ -267,68 +263,87 @@ def _make_masks(
                 "loss_fn=lambda model, batch: ... and calibration_data=[batch, ...]."
             )
         grads = calibration_gradients(
-            model, list(layers), loss_fn, calibration_data, reduction=config.grad_reduction
+            model, list(views), loss_fn, calibration_data, reduction=config.grad_reduction
         )
-    out: dict[str, np.ndarray] = {}
-    for path, layer in layers.items():
-        n_in, n_out = _shape(layer)
-        exclude = _excluded(layer, config.exclude_adapters, path)
-        nnz = masks.shira_budget(n_in, n_out, config.r, layer_name=path)
-        kind = config.mask_type
-        if config.mask_fn is not None:  # as PEFT: a mask_fn set on the config wins
-            base = layer.base_layer if isinstance(layer, ShiraDense) else layer
-            idx = _custom_mask(config.mask_fn, base, config.r, path, n_in, n_out)
-        elif kind == "random":
-            idx = masks.random_mask(n_in, n_out, config.r, seed=config.random_seed)
-            if exclude:
-                raise ValueError(
-                    f'exclude_adapters works with score-based masks; mask_type="random" makes '
-                    f"PEFT's exact mask and cannot avoid positions ({path})."
-                )
-        elif kind == "struct":
-            idx = masks.struct_mask(n_in, n_out, config.r, stride=config.struct_stride)
-        elif kind == "weight_magnitude":
-            idx = masks.weight_magnitude_mask(np.asarray(_kernel(layer)), config.r, exclude=exclude)
-        elif kind == "gradient":
-            idx = masks.gradient_mask(grads[path], config.r, exclude=exclude)
-        else:  # snip
-            idx = masks.snip_mask(
-                np.asarray(_kernel(layer)), grads[path], config.r, exclude=exclude
+    return {
+        path: _view_masks(path, view, modules[path], config, grads.get(path))
+        for path, view in views.items()
+    }
+
+
+def _view_masks(
+    path: str, view: KernelView, node: nnx.Module, config: ShiraConfig, grad: Any
+) -> np.ndarray:
+    """`[*stack, 2, nnz]` masks for one kernel view: `masks.make_mask` per slice."""
+    excluded = _excluded(node, config.exclude_adapters, path)
+    needs_kernel = config.mask_fn is None and config.mask_type in ("weight_magnitude", "snip")
+    kernel = np.asarray(view.array()) if needs_kernel else None
+    n = view.num_slices
+    if config.mask_fn is None and config.mask_type in ("random", "struct") and not excluded:
+        one = masks.make_mask(config, view.n_in, view.n_out, layer_name=path)  # same per slice
+        return np.broadcast_to(one, (*view.stack_shape, *one.shape)).copy()
+
+    def part(a: Any, i: int) -> Any:
+        return None if a is None else np.asarray(a).reshape(n, view.n_in, view.n_out)[i]
+
+    out = []
+    for i in range(n):
+        name = f"{path}[{i}]" if view.stacked else path
+        out.append(
+            masks.make_mask(
+                config, view.n_in, view.n_out, layer_name=name,
+                kernel=part(kernel, i), grad=part(grad, i),
+                exclude=[np.asarray(e).reshape(n, 2, -1)[i] for e in excluded],
+                custom=lambda i=i: config.mask_fn(view.slice_module(i), config.r),
             )
-        if idx.shape[1] != nnz:
-            raise ValueError(f"Mask for {path} has {idx.shape[1]} entries; the budget is {nnz}.")
-        out[path] = idx
-    return out
+        )
+    return np.stack(out).reshape(*view.stack_shape, 2, -1)
 
 
-def _excluded(layer: nnx.Module, names: Sequence[str], path: str) -> list[np.ndarray]:
+def _excluded(node: nnx.Module, names: Sequence[str], path: str) -> list[np.ndarray]:
     if not names:
         return []
-    if not isinstance(layer, ShiraDense):
+    if not isinstance(node, ShiraDense):
         raise ValueError(
             f"exclude_adapters={list(names)}: layer {path} has no adapters yet to exclude."
         )
-    missing = [n for n in names if n not in layer.adapter_names]
+    missing = [n for n in names if n not in node.adapter_names]
     if missing:
         raise ValueError(f"exclude_adapters: layer {path} has no adapter {missing}.")
-    return [np.asarray(layer.shira_indices[n][...]) for n in names]
+    return [np.asarray(node.shira_indices[n][...]) for n in names]
 
 
-def _custom_mask(
-    mask_fn: Callable[..., Any], base: nnx.Module, r: int, path: str, n_in: int, n_out: int
-) -> np.ndarray:
-    result = np.asarray(mask_fn(base, r))
-    if result.shape == (n_in, n_out):
-        idx = masks.mask_from_dense(result)
-    elif result.ndim == 2 and result.shape[0] == 2:
-        idx = masks.validate_indices(result, n_in, n_out, layer_name=path)
-        idx, _ = masks.canonicalize(idx, np.zeros(idx.shape[1], np.float32), (n_in, n_out))
-    else:
-        raise ValueError(
-            f"mask_fn for {path} returned shape {result.shape}; expected a 0/1 mask of the "
-            f"kernel's shape {(n_in, n_out)} or [2, nnz] indices."
-        )
-    return idx
+def _start_values(
+    config: ShiraConfig,
+    views: Mapping[str, KernelView],
+    indices: Mapping[str, np.ndarray],
+    given: Mapping[str, Any] | None,
+    key: jax.Array | None,
+) -> dict[str, jax.Array]:
+    """`[*stack, nnz]` starting values per target: given, zeros, or normals (tests)."""
+    out = {}
+    for i, (path, idx) in enumerate(indices.items()):
+        shape = (*views[path].stack_shape, idx.shape[-1])
+        if given is not None:
+            got = np.shape(given[path]) if path in given else None
+            if got != shape:
+                raise ValueError(
+                    f"Layer {path}: {idx.shape[-1]} indices but values of shape {got}; "
+                    f"values must be {list(shape)}."
+                )
+            out[path] = jnp.asarray(given[path])
+        elif config.init_weights:
+            out[path] = jnp.zeros(shape, jnp.float32)
+        else:
+            key = _seed_key(config.random_seed) if key is None else key
+            out[path] = jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)
+    return out
+
+
+def _seed_key(seed: int | None) -> jax.Array:
+    """A PRNG key from a config seed; torch accepts seeds up to 2**64 - 1, jax up to 2**63."""
+    seed = 0 if seed is None else int(seed)
+    return jax.random.key(seed - 2**64 if seed >= 2**63 else seed)
 
 
 def calibration_gradients(
@@ -343,8 +358,6 @@ def calibration_gradients(
 
     `reduction="sum_abs"` sums |g| per batch (default); `"abs_sum"` takes |sum of g|.
     """
-    from tqdm.auto import tqdm
-
     wanted = {tuple(p.split(".")) for p in paths}
 
     def is_target(path: tuple[Any, ...], _: Any) -> bool:
@@ -362,7 +375,7 @@ def calibration_gradients(
 
     total: dict[str, jax.Array] = {}
     count = 0
-    for batch in tqdm(batches, desc="calibration", leave=False):
+    for batch in batches:
         flat = nnx.to_flat_state(grad_step(model, batch))
         for key_path, variable in flat:
             names = [str(k) for k in key_path]
@@ -385,8 +398,8 @@ def calibration_gradients(
 
 def set_adapter(model: nnx.Module, adapter_names: str | Sequence[str]) -> None:
     """Activate one adapter or a list (their deltas sum); only active adapters train."""
-    names = _tuple(adapter_names)
-    _require_adapters(model, names)
+    names = as_tuple(adapter_names)
+    require_adapters(model, names)
     for _, layer in shira_layers(model):
         layer.set_adapter(names)
     for _, wrapper in _save_wrappers(model):
@@ -395,7 +408,7 @@ def set_adapter(model: nnx.Module, adapter_names: str | Sequence[str]) -> None:
 
 def set_scale(model: nnx.Module, adapter_name: str, scale: float) -> None:
     """Scale an adapter's delta at inference (not saved). Merged layers keep their merge."""
-    _require_adapters(model, [adapter_name])
+    require_adapters(model, [adapter_name])
     for _, layer in shira_layers(model):
         layer.set_scale(adapter_name, scale)
 
@@ -414,12 +427,10 @@ def disable_adapter(model: nnx.Module) -> Iterator[nnx.Module]:
     try:
         yield model
     finally:
-        from shira_jax import stacked
-
         for path, layer in layers:
             layer.disabled = False
             if remerge[path]:
-                stacked.merge(model, remerge[path], layers=[(path, layer)])
+                _merge_layers([(path, layer)], remerge[path], safe_merge=False)
         for _, wrapper in wrappers:
             wrapper.disabled = False
 
@@ -431,20 +442,37 @@ def merge(
 
     Every layer is computed first; with `safe_merge` a non-finite result anywhere refuses the
     whole merge and leaves the model unchanged. Scan-stacked layers merge layer by layer.
+    Unmerge restores the kernels bit for bit.
     """
-    from shira_jax import stacked
-
     if adapter_names is not None:
-        adapter_names = _tuple(adapter_names)
-        _require_adapters(model, adapter_names)
-    stacked.merge(model, adapter_names, safe_merge)
+        adapter_names = as_tuple(adapter_names)
+        require_adapters(model, adapter_names)
+    _merge_layers(shira_layers(model), adapter_names, safe_merge=safe_merge)
+
+
+def _merge_layers(
+    layers: Sequence[tuple[str, ShiraDense]],
+    names: Sequence[str] | None,
+    *,
+    safe_merge: bool,
+) -> None:
+    plans = [(path, layer, *plan_merge(layer, names)) for path, layer in layers]
+    if safe_merge:
+        for path, _, kernel, _, todo in plans:
+            if todo and not bool(jnp.isfinite(kernel).all()):
+                raise ValueError(
+                    f"Merging {list(todo)} into {path} gives non-finite weights; the adapter "
+                    "seems broken. Nothing was merged."
+                )
+    for _, layer, kernel, backups, todo in plans:
+        if todo:
+            commit_merge(layer, kernel, backups, todo)
 
 
 def unmerge(model: nnx.Module) -> None:
     """Undo every merge, restoring the original kernel entries bit for bit."""
-    from shira_jax import stacked
-
-    stacked.unmerge(model)
+    for _, layer in shira_layers(model):
+        unmerge_layer(layer)
 
 
 def merge_and_unload(model: nnx.Module, safe_merge: bool = False) -> nnx.Module:
@@ -461,7 +489,7 @@ def merge_and_unload(model: nnx.Module, safe_merge: bool = False) -> nnx.Module:
 
 def delete_adapter(model: nnx.Module, adapter_name: str) -> None:
     """Remove an adapter everywhere (unmerge it first if it is merged)."""
-    _require_adapters(model, [adapter_name])
+    require_adapters(model, [adapter_name])
     layers = shira_layers(model)
     merged_in = [p for p, layer in layers if adapter_name in layer.merged_adapters]
     if merged_in:
@@ -478,7 +506,6 @@ def delete_adapter(model: nnx.Module, adapter_name: str) -> None:
 
 def _save_wrappers(model: nnx.Module) -> list[tuple[str, ModulesToSave]]:
     return [(p, m) for p, m in named_modules(model) if isinstance(m, ModulesToSave)]
-
 
 
 def switch_adapter(
@@ -512,8 +539,6 @@ def switch_adapter(
         >>> model.up.merged_adapters, sj.active_adapters(model)
         (('b',), ('b',))
     """
-    from shira_jax.layer import _switch_layers
-
     layers, wrappers = _wrappers_fast(model)
     known = set(adapter_configs(model))
     for layer in layers:
@@ -522,7 +547,7 @@ def switch_adapter(
     if missing:
         raise KeyError(f"No adapter named {missing} in this model; it has {sorted(known)}.")
     previous = layers[0].active_adapters if layers else ()
-    _switch_layers(layers, old, new, safe_merge=safe_merge)
+    switch_layers(layers, old, new, safe_merge=safe_merge)
     if old is not None and new is not None and old in previous:
         active = tuple(dict.fromkeys(new if a == old else a for a in previous))
         for wrapper in wrappers:

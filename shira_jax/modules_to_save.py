@@ -12,7 +12,8 @@ from typing import Any
 from flax import nnx
 
 from shira_jax.config import matches_target
-from shira_jax.layer import ShiraFrozenValues, ShiraParam, _tuple
+from shira_jax.layer import ShiraFrozenValues, ShiraParam
+from shira_jax.util import as_tuple, get_submodule, set_submodule
 
 
 class ShiraModuleParam(ShiraParam):
@@ -34,7 +35,7 @@ class ModulesToSave(nnx.Module):
         self.modules_to_save[adapter] = copy
 
     def set_adapter(self, adapters: str | Sequence[str]) -> None:
-        self.active_adapters = _tuple(adapters)
+        self.active_adapters = as_tuple(adapters)
         for name in list(self.modules_to_save.keys()):
             kind = ShiraModuleParam if name in self.active_adapters else ShiraFrozenValues
             _retype_params(self.modules_to_save[name], kind)
@@ -107,8 +108,6 @@ def wrap_modules_to_save(
     model: nnx.Module, paths: Sequence[str], adapter: str, active: Sequence[str]
 ) -> None:
     """Give `adapter` a trainable copy of the module at each of `paths`."""
-    from shira_jax.model import get_submodule, set_submodule
-
     for path in paths:
         module = get_submodule(model, path)
         wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)

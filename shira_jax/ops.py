@@ -46,6 +46,7 @@ __all__ = [
     "merge_entries",
     "patched_call",
     "restore_entries",
+    "scatter_block",
     "scatter_delta",
     "switch_entries",
     "switch_kernels",
@@ -158,6 +159,22 @@ def _scatter_delta_bwd(residuals, cotangent):  # noqa: ANN001, ANN202
 
 
 _scatter_delta.defvjp(_scatter_delta_fwd, _scatter_delta_bwd)
+
+
+def scatter_block(
+    block: jax.Array, rows: jax.Array, cols: jax.Array, values: jax.Array, scale: jax.Array
+) -> jax.Array:
+    """`scatter_delta` on one block of a kernel split over devices (the shard-local body).
+
+    `rows` / `cols` are positions relative to the block; entries outside it are dropped (they
+    belong to another device's block). The rounding is `scatter_delta`'s: one per entry.
+    """
+    inside = (rows >= 0) & (rows < block.shape[0]) & (cols >= 0) & (cols < block.shape[1])
+    rows = jnp.where(inside, rows, block.shape[0])  # out of range: read as 0, write dropped
+    cols = jnp.where(inside, cols, block.shape[1])
+    old = block.at[rows, cols].get(mode="fill", fill_value=0)
+    new = _added(old, values, scale, block.dtype)
+    return block.at[rows, cols].set(new, mode="drop", unique_indices=True)
 
 
 def restore_entries(

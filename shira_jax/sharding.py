@@ -27,7 +27,8 @@ Workflow (what `shira-jax finetune --mesh data=2,model=4` does)::
         loss = train_step(model, optimizer, sharding.shard_batch(batch, mesh, batch_axes))
     sj.save_adapter(model, "ckpt/")                   # every process; restore on any mesh
 
-Scan-stacked layers: see `shira_jax.stacked`.
+Scan-stacked layers: see `shira_jax.stacked`. Kernel placement itself (adapter metadata,
+shard-local scatter) lives in `shira_jax.kernels`; its public names are re-exported here.
 
 Example:
     >>> import jax
@@ -46,20 +47,27 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import math
 import re
-import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from shira_jax import ops
+from shira_jax.kernels import (
+    AxisEntry,
+    adapter_metadata,
+    axis_names,
+    kernel_layout,
+    place_like_kernel,
+    scatter_delta,
+    scatter_fn,
+)
+from shira_jax.layer import ShiraParam
+from shira_jax.model import shira_layers
 
 __all__ = [
     "MESH_SPEC_HELP",
@@ -73,7 +81,6 @@ __all__ = [
     "kernel_layout",
     "make_mesh",
     "parse_mesh",
-    "refresh_adapter_metadata",
     "scatter_delta",
     "scatter_fn",
     "mesh_rules",
@@ -85,8 +92,6 @@ MESH_SPEC_HELP = (
     'a mesh is written "name=size,name=size", e.g. "data=2,model=4"; one size may be -1 '
     "(all remaining devices), and the sizes must multiply to the number of devices used."
 )
-
-AxisEntry = str | tuple[str, ...] | None
 
 
 # ----------------------------------------------------------------------------- meshes
@@ -202,245 +207,6 @@ def mesh_rules(
     return default_rules(model_axis, fsdp_axis), batch_axes
 
 
-# ----------------------------------------------------------------------------- metadata
-
-
-def _entries(spec: Any) -> tuple[AxisEntry, ...] | None:
-    if spec is None:
-        return None
-    if isinstance(spec, NamedSharding):
-        spec = spec.spec
-    return tuple(spec)
-
-
-def adapter_metadata(kernel: nnx.Variable) -> tuple[dict[str, Any], dict[str, Any]]:
-    """NNX metadata for an adapter's values and indices, derived from the kernel's.
-
-    A kernel `out_sharding` of `(*lead, a, b)` gives values `(*lead, None)` and indices
-    `(*lead, None, None)`: replicated over the matrix axes, split like the kernel over any
-    leading (scan-stacked) axis. `sharding_rules` and `mesh` metadata are carried over. The
-    adapter's arrays are placed by `ShiraDense` itself (next to the kernel), so eager sharding
-    is off for them: no mesh context is needed to add an adapter.
-
-    Returns `({}, {})` when the kernel carries no sharding metadata.
-    """
-    meta = kernel.get_metadata()
-    spec = _entries(meta.get("out_sharding"))
-    if not spec:
-        return {}, {}
-    lead = tuple(spec[:-2])
-    extra = {k: meta[k] for k in ("sharding_rules", "mesh") if meta.get(k) is not None}
-    values = {"out_sharding": (*lead, None), "eager_sharding": False, **extra}
-    indices = {"out_sharding": (*lead, None, None), "eager_sharding": False, **extra}
-    return values, indices
-
-
-def _is_concrete(x: Any) -> bool:
-    return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
-
-
-def place_like_kernel(array: Any, kernel: Any) -> Any:
-    """Put an adapter array on the mesh a concrete `kernel` lives on, sharded like its lead axes.
-
-    `array` is values `[*lead, nnz]` or indices `[*lead, 2, nnz]` of a kernel `[*lead, in, out]`:
-    it is split like the kernel over the leading (stacked) axes and replicated otherwise. Under
-    a trace, or when the kernel is not on a multi-device `NamedSharding`, `array` is returned
-    as is.
-    """
-    if not _is_concrete(kernel) or not isinstance(array, (jax.Array, np.ndarray)):
-        return array
-    if isinstance(array, jax.core.Tracer):
-        return array
-    sharding = getattr(kernel, "sharding", None)
-    if not isinstance(sharding, NamedSharding) or sharding.mesh.size == 1:
-        return array
-    lead = kernel.ndim - 2
-    kspec = tuple(sharding.spec) + (None,) * (kernel.ndim - len(sharding.spec))
-    spec = PartitionSpec(*kspec[:lead], *([None] * (np.ndim(array) - lead)))
-    return jax.device_put(array, NamedSharding(sharding.mesh, spec))
-
-
-def refresh_adapter_metadata(layer: Any) -> None:
-    """Re-derive and re-place one `ShiraDense`'s adapter variables from its kernel's metadata.
-
-    Use after changing the kernel's `out_sharding` (e.g. `annotate` on a wrapped model).
-    """
-    vmeta, imeta = adapter_metadata(layer.base_layer.kernel)
-    kernel = layer.base_layer.kernel.get_value()
-    for group, meta in ((layer.shira_weight, vmeta), (layer.shira_indices, imeta)):
-        for name in list(group.keys()):
-            var = group[name]
-            old = {k: v for k, v in var.get_metadata().items() if k not in ("out_sharding",)}
-            old.update(meta)
-            value = place_like_kernel(var.get_value(), kernel)
-            group[name] = type(var)(value, **old)
-
-
-# ----------------------------------------------------------------------------- layout
-
-
-def _axes(entry: AxisEntry) -> tuple[str, ...]:
-    if entry is None:
-        return ()
-    return (entry,) if isinstance(entry, str) else tuple(entry)
-
-
-def _mesh_sizes(mesh: Any) -> dict[str, int]:
-    return dict(mesh.shape)
-
-
-def kernel_layout(
-    variable: nnx.Variable | None, kernel: Any
-) -> tuple[Any, tuple[AxisEntry, AxisEntry]] | None:
-    """`(mesh, (rows_axes, cols_axes))` of a 2-D kernel split over more than one device, else None.
-
-    Looked up, in order, from the concrete array's `NamedSharding`, its type's sharding
-    (explicit mesh axes), and the Variable's `out_sharding` metadata (logical rules applied)
-    with its `mesh` metadata or the mesh of `jax.set_mesh`.
-    """
-    mesh, spec = None, None
-    if _is_concrete(kernel):
-        sharding = getattr(kernel, "sharding", None)
-        if isinstance(sharding, NamedSharding):
-            mesh, spec = sharding.mesh, tuple(sharding.spec)
-    else:
-        try:
-            typed = jax.typeof(kernel).sharding
-        except Exception:  # noqa: BLE001 - not every tracer has a typed sharding
-            typed = None
-        if typed is not None and not typed.mesh.empty and any(_axes(e) for e in typed.spec):
-            mesh, spec = typed.mesh, tuple(typed.spec)
-    if spec is None and variable is not None and variable.get_metadata().get("out_sharding"):
-        spec = tuple(nnx.spmd.get_var_pspec(variable))
-        mesh = variable.get_metadata().get("mesh")
-        if mesh is None:
-            mesh = jax.sharding.get_abstract_mesh()
-            if mesh.empty:
-                if any(_axes(e) for e in spec):
-                    _warn_no_mesh(spec)
-                return None
-    if mesh is None or spec is None:
-        return None
-    ndim = kernel.ndim
-    spec = tuple(spec) + (None,) * max(0, ndim - len(spec))
-    rows, cols = spec[ndim - 2], spec[ndim - 1]
-    sizes = _mesh_sizes(mesh)
-    if any(a not in sizes for a in _axes(rows) + _axes(cols)):
-        return None
-    n0 = math.prod(sizes[a] for a in _axes(rows))
-    n1 = math.prod(sizes[a] for a in _axes(cols))
-    if n0 * n1 == 1 or kernel.shape[-2] % n0 or kernel.shape[-1] % n1:
-        return None
-    return mesh, (rows, cols)
-
-
-_warned: set[tuple[Any, ...]] = set()
-
-
-def _warn_no_mesh(spec: tuple[Any, ...]) -> None:
-    if spec not in _warned and jax.device_count() > 1:
-        _warned.add(spec)
-        warnings.warn(
-            f"A SHiRA kernel has out_sharding {spec} but no mesh is set, so its scatter is left "
-            "to XLA's partitioner. Run the step under `with jax.set_mesh(mesh):` so each device "
-            "scatters into its own kernel shard.",
-            stacklevel=3,
-        )
-
-
-def _block_index(axes: tuple[str, ...], sizes: Mapping[str, int]) -> jax.Array:
-    index = jnp.int32(0)
-    for a in axes:
-        index = index * sizes[a] + jax.lax.axis_index(a)
-    return index
-
-
-# ----------------------------------------------------------------------------- scatter
-
-
-def scatter_delta(
-    kernel: jax.Array,
-    indices: jax.Array,
-    values: jax.Array,
-    scale: float | jax.Array = 1.0,
-    *,
-    mesh: Any,
-    spec: tuple[AxisEntry, AxisEntry],
-) -> jax.Array:
-    """`ops.scatter_delta` on a kernel split over `mesh` as `spec`, done shard by shard.
-
-    Under `shard_map`, each device shifts the (replicated) indices into its own block, drops
-    those outside it, and gathers / adds / writes back only its local entries, with the same
-    rounding as `ops.scatter_delta`. Nothing of the kernel moves between devices; the values'
-    gradient is summed over the kernel's axes (`nnz` numbers).
-    """
-    acc_dtype = jnp.promote_types(jnp.promote_types(kernel.dtype, values.dtype), jnp.float32)
-    spec = (
-        spec[0] if spec[0] is None or isinstance(spec[0], str) else tuple(spec[0]),
-        spec[1] if spec[1] is None or isinstance(spec[1], str) else tuple(spec[1]),
-    )
-    return _local_scatter(
-        kernel, indices, values, jnp.asarray(scale, acc_dtype), mesh=mesh, spec=spec
-    )
-
-
-@functools.partial(jax.jit, static_argnames=("mesh", "spec"))
-def _local_scatter(
-    kernel: jax.Array,
-    indices: jax.Array,
-    values: jax.Array,
-    scale: jax.Array,
-    *,
-    mesh: Any,
-    spec: tuple[AxisEntry, AxisEntry],
-) -> jax.Array:
-    # jitted so that an eager call (merge) compiles once instead of running op by op per device
-    rows_axes, cols_axes = spec
-    sizes = _mesh_sizes(mesh)
-    n0 = math.prod(sizes[a] for a in _axes(rows_axes))
-    n1 = math.prod(sizes[a] for a in _axes(cols_axes))
-    b0, b1 = kernel.shape[0] // n0, kernel.shape[1] // n1
-    acc_dtype = scale.dtype
-
-    def local(block: jax.Array, idx: jax.Array, vals: jax.Array, s: jax.Array) -> jax.Array:
-        r = idx[0] - _block_index(_axes(rows_axes), sizes) * b0
-        c = idx[1] - _block_index(_axes(cols_axes), sizes) * b1
-        inside = (r >= 0) & (r < b0) & (c >= 0) & (c < b1)
-        r, c = jnp.where(inside, r, b0), jnp.where(inside, c, b1)  # out of range: dropped
-        old = block.at[r, c].get(mode="fill", fill_value=0).astype(acc_dtype)
-        new = old + s * vals.astype(acc_dtype)
-        return block.at[r, c].set(new.astype(block.dtype), mode="drop", unique_indices=True)
-
-    kspec = PartitionSpec(rows_axes, cols_axes)
-    return jax.shard_map(
-        local,
-        mesh=mesh,
-        in_specs=(kspec, PartitionSpec(), PartitionSpec(), PartitionSpec()),
-        out_specs=kspec,
-    )(kernel, indices, values, scale)
-
-
-def scatter_fn(
-    variable: nnx.Variable | None, kernel: Any
-) -> Callable[[jax.Array, jax.Array, jax.Array, Any], jax.Array]:
-    """The scatter to use for `kernel`: shard-local when it is split over a mesh, else `ops`.
-
-    `ShiraDense` calls this with its kernel Variable and the kernel array. When the kernel is
-    not split this returns `ops.scatter_delta` itself, so callers may test identity.
-    """
-    if kernel.ndim != 2:
-        return ops.scatter_delta
-    layout = kernel_layout(variable, kernel)
-    if layout is None:
-        return ops.scatter_delta
-    mesh, spec = layout
-
-    def scatter(k: jax.Array, idx: jax.Array, vals: jax.Array, scale: Any = 1.0) -> jax.Array:
-        return scatter_delta(k, idx, vals, scale, mesh=mesh, spec=spec)
-
-    return scatter
-
-
 # ----------------------------------------------------------------------------- whole models
 
 
@@ -471,7 +237,7 @@ def _fit(spec: Sequence[AxisEntry], shape: Sequence[int], sizes: Mapping[str, in
         return spec
     out: list[AxisEntry] = []
     for entry, dim in zip(spec, shape, strict=True):
-        axes = tuple(a for a in _axes(entry) if a in sizes)
+        axes = tuple(a for a in axis_names(entry) if a in sizes)
         while axes and dim % math.prod(sizes[a] for a in axes):
             axes = axes[:-1]
         out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
@@ -491,14 +257,12 @@ def annotate(
     does not divide its dim is dropped. SHiRA adapters re-derive their metadata from the
     new kernels. Returns the annotated paths. Follow with `shard_model(model, mesh)`.
     """
-    from shira_jax.model import shira_layers
-
     rules = default_rules() if rules is None else rules
     compiled = [(re.compile(p), tuple(spec)) for p, spec in rules]
-    sizes = None if mesh is None else _mesh_sizes(mesh)
+    sizes = None if mesh is None else dict(mesh.shape)
     done = []
     for path, var in nnx.iter_graph(model):
-        if not isinstance(var, nnx.Param) or type(var).__name__.startswith("Shira"):
+        if not isinstance(var, nnx.Param) or isinstance(var, ShiraParam):
             continue
         name = ".".join(str(p) for p in path).replace(".base_layer.", ".")
         for pattern, spec in compiled:
@@ -507,7 +271,7 @@ def annotate(
                 done.append(name)
                 break
     for _, layer in shira_layers(model):
-        refresh_adapter_metadata(layer)
+        layer.refresh_placement()
     return done
 
 

@@ -1,0 +1,71 @@
+"""Small helpers on names and NNX module trees, shared by every layer of shira_jax.
+
+Example:
+    >>> from flax import nnx
+    >>> from shira_jax import util
+    >>> class Net(nnx.Module):
+    ...     def __init__(self):
+    ...         self.blocks = nnx.List([nnx.Linear(2, 2, rngs=nnx.Rngs(0))])
+    >>> net = Net()
+    >>> util.get_submodule(net, "blocks.0").kernel.shape
+    (2, 2)
+    >>> util.as_tuple("a"), util.as_tuple(["a", "b"])
+    (('a',), ('a', 'b'))
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from flax import nnx
+
+__all__ = ["as_tuple", "check_adapter_name", "dotted", "get_submodule", "set_submodule"]
+
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
+
+
+def as_tuple(names: str | Sequence[str]) -> tuple[str, ...]:
+    """One name or a sequence of names as a tuple."""
+    return (names,) if isinstance(names, str) else tuple(names)
+
+
+def dotted(path: Sequence[Any]) -> str:
+    """An NNX graph path as a dotted module name: `("layers", 0, "q_proj")` -> "layers.0.q_proj"."""
+    return ".".join(str(p) for p in path)
+
+
+def check_adapter_name(name: str) -> str:
+    """Adapter names become folder names in saved files: letters, digits, '_' and '-' only."""
+    if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name):
+        raise ValueError(
+            f"Bad adapter name {name!r}: use letters, digits, '_' and '-' "
+            "(no path separators, dots or '..')."
+        )
+    return name
+
+
+def get_submodule(model: nnx.Module, path: str) -> Any:
+    """The node at dotted `path` (attributes, `nnx.List` positions, `nnx.Dict` keys)."""
+    node: Any = model
+    for key in path.split("."):
+        if isinstance(node, nnx.List):
+            node = node[int(key)]
+        elif isinstance(node, nnx.Dict):
+            node = node[key]
+        else:
+            node = getattr(node, key)
+    return node
+
+
+def set_submodule(model: nnx.Module, path: str, module: Any) -> None:
+    """Replace the node at dotted `path` by `module`, in place."""
+    parent_path, _, key = path.rpartition(".")
+    parent = get_submodule(model, parent_path) if parent_path else model
+    if isinstance(parent, nnx.List):
+        parent[int(key)] = module
+    elif isinstance(parent, nnx.Dict):
+        parent[key] = module
+    else:
+        setattr(parent, key, module)
