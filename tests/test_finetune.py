@@ -1,4 +1,4 @@
-"""`shira_jax.finetune` and `shira_jax.data` end to end on a tiny random Llama.
+"""`shira_jax.app.finetune` and `shira_jax.app.data` end to end on a tiny random Llama.
 
 The tiny model is a real transformers `LlamaForCausalLM` saved to a temporary folder with a
 `tokenizers` BPE tokenizer trained on the test text, loaded through `bridge.from_pretrained`,
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shira_jax import data, finetune
+from shira_jax.app import data, finetune, generate
 
 VOCAB = 320
 WORDS = {
@@ -156,7 +156,9 @@ def test_orbax_adapter_reloads(trained, tiny):
             got.shira_indices["default"][...], want.shira_indices["default"][...]
         )
     ids = np.asarray([[5, 6, 7, 8, 9]])
-    logits = finetune._jitted(_logits)
+    from flax import nnx
+
+    logits = nnx.jit(_logits)
     np.testing.assert_allclose(logits(model, ids), logits(trained.model, ids), atol=1e-5)
 
 
@@ -183,7 +185,9 @@ def test_peft_export_loads_in_real_peft(trained, tiny):
     ids = np.asarray([[3, 17, 42, 99, 150, 7, 64, 200]])
     with torch.no_grad():
         torch_logits = peft_model(torch.from_numpy(ids)).logits.numpy()
-    jax_logits = np.asarray(finetune._jitted(_logits)(trained.model, ids))
+    from flax import nnx
+
+    jax_logits = np.asarray(nnx.jit(_logits)(trained.model, ids))
     np.testing.assert_allclose(jax_logits, torch_logits, atol=2e-4, rtol=1e-4)
     with torch.no_grad(), peft_model.disable_adapter():
         base_logits = peft_model(torch.from_numpy(ids)).logits.numpy()
@@ -300,8 +304,8 @@ def test_bad_input_fails_early_with_one_line(tiny, tmp_path, change, message):
 
 def test_generate_text_with_kv_cache(trained, tiny):
     tok = data.load_tokenizer(tiny["model"])
-    text = finetune.generate_text(trained.model, tok, "ROMEO:\n", max_new_tokens=8)
-    assert isinstance(text, str) and text == finetune.generate_text(
+    text = generate.generate_text(trained.model, tok, "ROMEO:\n", max_new_tokens=8)
+    assert isinstance(text, str) and text == generate.generate_text(
         trained.model, tok, "ROMEO:\n", max_new_tokens=8
     )  # greedy is deterministic
 
@@ -373,8 +377,16 @@ def test_batches_are_a_function_of_seed_and_step():
 
 
 def test_module_doctests():
+    """Every module of the app has docstring examples, and they pass."""
     import doctest
+    import importlib
+    import pkgutil
 
-    for module in (data, finetune):
+    import shira_jax.app
+
+    names = [m.name for m in pkgutil.iter_modules(shira_jax.app.__path__)]
+    assert {"cli", "data", "finetune", "flags", "options", "steps"} <= set(names)
+    for name in names:
+        module = importlib.import_module(f"shira_jax.app.{name}")
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.failed == 0 and result.attempted > 0, module.__name__

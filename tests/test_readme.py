@@ -19,7 +19,7 @@ def test_readme_quickstart_runs(tmp_path, monkeypatch, capsys):
 
 
 def test_cli_demo_trains(capsys):
-    from shira_jax.cli import main
+    from shira_jax.app.cli import main
 
     assert main(["demo", "--steps", "60"]) == 0
     out = capsys.readouterr().out

@@ -437,7 +437,7 @@ def test_finetune_cli_mesh_matches_single_device(tmp_path):
     losses = {}
     for name, extra in (("mesh", ["--mesh", "data=2,model=4"]), ("plain", [])):
         out = tmp_path / name
-        cmd = [sys.executable, "-m", "shira_jax.cli", "finetune", *flags, "--out", str(out)]
+        cmd = [sys.executable, "-m", "shira_jax.app.cli", "finetune", *flags, "--out", str(out)]
         proc = subprocess.run(cmd + extra, env=env, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
         metrics = json.loads((out / "metrics.json").read_text())

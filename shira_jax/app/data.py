@@ -8,7 +8,7 @@ sequences of `seq_len + 1` tokens (inputs and shifted targets). The eval split i
 `eval_fraction` of every document, so no eval sequence shares text with a training one.
 
 Example:
-    >>> from shira_jax import data
+    >>> from shira_jax.app import data
     >>> data.strip_markdown("**HAMLET**  \\nTo be, or not to be:  \\n_Exit_")
     'HAMLET:\\nTo be, or not to be:\\nExit\\n'
     >>> import numpy as np
