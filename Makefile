@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m shira_jax.cli finetune --out runs/demo
+	$(PY) -m shira_jax.app.cli finetune --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile
