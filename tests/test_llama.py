@@ -8,7 +8,6 @@ which shows up at 1e-2 or worse).
 
 from __future__ import annotations
 
-import doctest
 import json
 
 import jax
@@ -366,8 +365,3 @@ def test_generate_with_shira_wrapped_model(pairs):
     logits = np.asarray(fwd(model, out, full_mask, full_pos))
     np.testing.assert_array_equal(logits[:, 10:-1].argmax(-1), out[:, 11:])
 
-
-@pytest.mark.slow
-def test_docstring_examples_run():
-    result = doctest.testmod(llama_mod, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 5 and result.failed == 0

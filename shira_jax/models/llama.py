@@ -21,7 +21,7 @@ Example:
     (1, 3, 64)
     >>> type(model.model.layers[0].self_attn.q_proj).__name__
     'Linear'
-    >>> generate(model, jnp.array([[1, 2, 3]]), max_new_tokens=4).shape  # doctest: +SKIP
+    >>> generate(model, jnp.array([[1, 2, 3]]), max_new_tokens=4).shape
     (1, 7)
 """
 
