@@ -432,7 +432,7 @@ def _run_switch_plans(plans: list[_SwitchPlan], *, check_finite: bool = False) -
         if v.get_value().ndim != 2:
             raise ValueError(
                 f"Layer {p.layer.layer_name or '?'} is a stacked layer (kernel shape "
-                f"{tuple(v.get_value().shape)}); switch it with shira_jax.stacked.merge / unmerge."
+                f"{tuple(v.get_value().shape)}); switch it with sj.merge / sj.unmerge."
             )
     counts: dict[int, int] = {}
     for v in variables:

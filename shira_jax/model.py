@@ -228,15 +228,14 @@ def _checked_target(path: str, module: nnx.Module, adapter_name: str) -> KernelV
 def _given_indices(path: str, view: KernelView, given: Any) -> np.ndarray:
     """Validated `[*stack, 2, nnz]` indices for `view` (one `[2, nnz]` check per slice)."""
     idx = np.asarray(given)
-    if idx.shape[:-2] != view.stack_shape or idx.ndim != len(view.stack_shape) + 2:
-        if view.stacked:
-            raise ValueError(
-                f"Stacked layer {path}: indices of shape {idx.shape}; expected "
-                f"[{', '.join(map(str, view.stack_shape))}, 2, nnz] (or one [2, nnz] per "
-                "layers.N path)."
-            )
     if not view.stacked:
         return masks.validate_indices(idx, view.n_in, view.n_out, layer_name=path)
+    if idx.ndim != len(view.stack_shape) + 2 or idx.shape[:-2] != view.stack_shape:
+        raise ValueError(
+            f"Stacked layer {path}: indices of shape {idx.shape}; expected "
+            f"[{', '.join(map(str, view.stack_shape))}, 2, nnz] (or one [2, nnz] per "
+            "layers.N path)."
+        )
     flat = idx.reshape(view.num_slices, *idx.shape[-2:])
     out = [
         masks.validate_indices(flat[i], view.n_in, view.n_out, layer_name=f"{path}[{i}]")
