@@ -24,12 +24,13 @@ import importlib.metadata
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bridge.conventions import unpermute_rows
+from shira_jax import atomic
 
 __all__ = [
     "EMBEDDED_MODELS",
@@ -115,16 +116,6 @@ def _hf_tensor_name(gguf_name: str) -> str:
     )
 
 
-def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo llama.cpp's rotary row permutation of q_proj / k_proj (weight or bias).
-
-    llama.cpp's converter stores ``w.reshape(n_head, 2, d, ...).swapaxes(1, 2)``; this is the
-    inverse.
-    """
-    d = w.shape[0] // n_head // 2
-    return w.reshape(n_head, d, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Reads a Llama GGUF file into an HF ``config.json`` dict and float32 HF tensors.
 
@@ -198,9 +189,9 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.nda
         hf_name = _hf_tensor_name(t.name)
         w = np.asarray(gguf.dequantize(t.data, t.tensor_type), dtype=np.float32)
         if ".attn_q." in t.name:
-            w = _unpermute_rows(w, heads)
+            w = unpermute_rows(w, heads)
         elif ".attn_k." in t.name:
-            w = _unpermute_rows(w, kv_heads)
+            w = unpermute_rows(w, kv_heads)
         tensors[hf_name] = np.ascontiguousarray(w)
     return config.to_dict(dtype="float32"), tensors
 
@@ -230,23 +221,19 @@ def _is_valid_cache(out: Path, stamp: dict[str, Any]) -> bool:
         return False
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
 def _convert_to_dir(gguf_path: Path, tmp: Path, stamp: dict[str, Any]) -> None:
     from safetensors.numpy import save_file
 
     config, tensors = read_gguf(gguf_path)
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     del tensors
-    _write_json(tmp / "config.json", config)
+    atomic.write_json(tmp / "config.json", config)
     gen = {
         k: config[k]
         for k in ("bos_token_id", "eos_token_id", "pad_token_id")
         if config.get(k) is not None
     }
-    _write_json(tmp / "generation_config.json", gen)
+    atomic.write_json(tmp / "generation_config.json", gen)
     # The tokenizer, converted by transformers' own GGUF tokenizer converter.
     try:
         from transformers import AutoTokenizer
@@ -258,7 +245,7 @@ def _convert_to_dir(gguf_path: Path, tmp: Path, stamp: dict[str, Any]) -> None:
 
     tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     tok.save_pretrained(str(tmp))
-    _write_json(tmp / _STAMP, stamp)  # written last: marks a complete conversion
+    atomic.write_json(tmp / _STAMP, stamp)  # written last: marks a complete conversion
 
 
 def smollm2_dir(*, cache_dir: str | os.PathLike | None = None, force: bool = False) -> Path:
@@ -281,20 +268,11 @@ def smollm2_dir(*, cache_dir: str | os.PathLike | None = None, force: bool = Fal
     stamp = _stamp_for(gguf_path)
     if not force and _is_valid_cache(out, stamp):
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_NAME}.tmp-", dir=out.parent))
     try:
-        _convert_to_dir(gguf_path, tmp, stamp)
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_NAME}.old-", dir=out.parent))
-            os.replace(out, trash / "old")
-            shutil.rmtree(trash, ignore_errors=True)
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            # Another process finished first: keep its copy if it is complete.
-            if not _is_valid_cache(out, stamp):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic.staging_dir(out) as tmp:
+            _convert_to_dir(gguf_path, tmp, stamp)
+    except OSError:
+        # Another process finished first: keep its copy if it is complete.
+        if not _is_valid_cache(out, stamp):
+            raise
     return out

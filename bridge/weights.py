@@ -7,9 +7,10 @@ file, the embedded default ``"smollm2-135m"``, or (if reachable) a Hub repo id, 
 active SHiRA adapters into the exported weights. Only safetensors are read: never pickles,
 never remote code.
 
-The mapping between the two layouts is derived from the module tree, not from a name table:
-an ``nnx.Linear`` at dotted path ``P`` is HF's ``P.weight`` (kernel transposed, torch stores
-``[out, in]``) and ``P.bias``; an ``nnx.Embed`` is ``P.weight``; an RMSNorm is ``P.weight``.
+Every variable of the model maps to one HF tensor by :mod:`bridge.conventions`'s name rule:
+``P.kernel`` of an ``nnx.Linear`` is HF's ``P.weight`` (transposed, torch stores
+``[out, in]``), ``P.bias`` stays, ``P.embedding`` of an ``nnx.Embed`` is ``P.weight``, an
+RMSNorm's ``P.weight`` stays.
 
 Example:
 
@@ -33,8 +34,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +44,12 @@ import numpy as np
 from flax import nnx
 from jax.typing import DTypeLike
 
-from shira_jax.models.llama import (
-    SUPPORTED_ARCHITECTURES,
-    LlamaConfig,
-    LlamaForCausalLM,
-    LlamaRMSNorm,
-)
+from bridge.conventions import to_torch, torch_names
+from shira_jax import atomic
+from shira_jax.layer import unwrap
+from shira_jax.models.llama import SUPPORTED_ARCHITECTURES, LlamaConfig, LlamaForCausalLM
+from shira_jax.modules_to_save import ModulesToSave
+from shira_jax.state import module_variables
 
 __all__ = ["from_pretrained", "load_tokenizer", "model_from_tensors", "save_pretrained"]
 
@@ -73,41 +73,15 @@ _HUB_PATTERNS = [
 # --------------------------------------------------------------------------- name mapping
 
 
-class _Slot:
-    """One HF tensor: its key, the NNX variable holding it, whether it is transposed."""
-
-    __slots__ = ("key", "variable", "transpose")
-
-    def __init__(self, key: str, variable: nnx.Variable, transpose: bool):
-        self.key, self.variable, self.transpose = key, variable, transpose
-
-    @property
-    def hf_shape(self) -> tuple[int, ...]:
-        shape = tuple(self.variable.shape)
-        return shape[::-1] if self.transpose else shape
+def _slots(model: nnx.Module) -> dict[str, tuple[nnx.Variable, bool]]:
+    """HF key -> (the variable it fills, transposed?) of a plain (unwrapped) model."""
+    variables = module_variables(model)
+    return {key: (variables[p], t) for key, (p, t) in torch_names(variables, "model").items()}
 
 
-def _dotted(path: tuple[Any, ...]) -> str:
-    return ".".join(str(p) for p in path)
-
-
-def _is_wrapper(module: Any) -> bool:
-    """A SHiRA-style wrapper: ``base_layer`` plus ``effective_kernel()`` (``[in, out]``)."""
-    return hasattr(module, "base_layer") and callable(getattr(module, "effective_kernel", None))
-
-
-def _slots(model: nnx.Module) -> Iterator[_Slot]:
-    """HF tensors of a plain (unwrapped) model, derived from its module types."""
-    for path, module in nnx.iter_modules(model):
-        prefix = _dotted(path)
-        if isinstance(module, nnx.Linear):
-            yield _Slot(f"{prefix}.weight", module.kernel, True)
-            if module.bias is not None:
-                yield _Slot(f"{prefix}.bias", module.bias, False)
-        elif isinstance(module, nnx.Embed):
-            yield _Slot(f"{prefix}.weight", module.embedding, False)
-        elif isinstance(module, LlamaRMSNorm):
-            yield _Slot(f"{prefix}.weight", module.weight, False)
+def _hf_shape(variable: nnx.Variable, transpose: bool) -> tuple[int, ...]:
+    shape = tuple(variable.shape)
+    return shape[::-1] if transpose else shape
 
 
 def _abstract_model(
@@ -293,33 +267,28 @@ def model_from_tensors(
     """
     param_dtype = dtype if param_dtype is None else param_dtype
     model = _abstract_model(config, dtype, param_dtype, precision)
-    slots = list(_slots(model))
-    expected = {s.key for s in slots}
-    n_params = len(jax.tree.leaves(nnx.state(model, nnx.Param)))
-    if n_params != len(slots):  # a module type this bridge does not know
-        raise RuntimeError(f"bridge maps {len(slots)} of the model's {n_params} parameters")
-    missing = [s.key for s in slots if s.key not in source]
+    slots = _slots(model)
+    missing = [key for key in slots if key not in source]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ValueError(f"checkpoint is missing {missing[0]!r}{more}")
     unexpected = [
         k
         for k in source.keys()
-        if k not in expected
+        if k not in slots
         and not _IGNORED_KEYS.search(k)
         and not (k == "lm_head.weight" and config.tie_word_embeddings)
     ]
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
         raise ValueError(f"checkpoint has unexpected key {unexpected[0]!r}{more}")
-    for s in slots:
-        shape = source.shape(s.key)
-        if shape != s.hf_shape:
-            raise ValueError(f"tensor {s.key!r} has shape {shape}, expected {s.hf_shape}")
-    for s in slots:
-        arr = source.get(s.key)
-        value = jnp.asarray(arr.T if s.transpose else arr, dtype=param_dtype)
-        s.variable.set_value(value)
+    for key, (variable, transpose) in slots.items():
+        shape, want = source.shape(key), _hf_shape(variable, transpose)
+        if shape != want:
+            raise ValueError(f"tensor {key!r} has shape {shape}, expected {want}")
+    for key, (variable, transpose) in slots.items():
+        arr = source.get(key)
+        variable.set_value(jnp.asarray(arr.T if transpose else arr, dtype=param_dtype))
         del arr
     return model
 
@@ -396,54 +365,29 @@ def load_tokenizer(path_or_name: str | os.PathLike) -> Any:
 # --------------------------------------------------------------------------- writing
 
 
-def _is_switch(module: Any) -> bool:
-    """A ``modules_to_save`` style wrapper that forwards to one of several copies."""
-    return hasattr(module, "original_module") and callable(getattr(module, "active_module", None))
-
-
 def _export_tensors(model: nnx.Module) -> dict[str, jax.Array]:
     """HF key -> torch-layout array of what the forward pass uses.
 
-    A SHiRA wrapper (``base_layer`` + ``effective_kernel()``) exports its kernel with the live
-    adapters applied; a ``modules_to_save`` wrapper exports its active copy.
+    A SHiRA layer exports its kernel with the live adapters applied (``effective_kernel()``);
+    a ``modules_to_save`` wrapper exports its active copy.
     """
-    out: dict[str, jax.Array] = {}
+    flat: dict[str, jax.Array] = {}
 
     def visit(module: Any, prefix: str) -> None:
-        if _is_switch(module):
-            visit(module.active_module(), prefix)
-        elif _is_wrapper(module):
-            out[f"{prefix}.weight"] = jnp.asarray(module.effective_kernel()).T
-            bias = getattr(module.base_layer, "bias", None)
-            if bias is not None:
-                out[f"{prefix}.bias"] = bias[...]
-        elif isinstance(module, nnx.Linear):
-            out[f"{prefix}.weight"] = module.kernel[...].T
-            if module.bias is not None:
-                out[f"{prefix}.bias"] = module.bias[...]
-        elif isinstance(module, nnx.Embed):
-            out[f"{prefix}.weight"] = module.embedding[...]
-        elif isinstance(module, LlamaRMSNorm):
-            out[f"{prefix}.weight"] = module.weight[...]
-        else:
-            for name, child in nnx.iter_children(module):
-                if isinstance(child, nnx.Module):
-                    visit(child, f"{prefix}.{name}" if prefix else str(name))
+        if isinstance(module, ModulesToSave):
+            module = module.active_module()
+        base = unwrap(module)
+        for name, child in nnx.iter_children(base):
+            path = f"{prefix}.{name}" if prefix else str(name)
+            if isinstance(child, nnx.Variable):
+                flat[path] = child[...]
+            elif isinstance(child, nnx.Module):
+                visit(child, path)
+        if base is not module:  # a SHiRA layer
+            flat[f"{prefix}.kernel"] = module.effective_kernel()
 
     visit(model, "")
-    return out
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    return to_torch(flat, "model")
 
 
 def save_pretrained(
@@ -451,10 +395,10 @@ def save_pretrained(
 ) -> Path:
     """Writes ``config.json`` + ``model.safetensors`` that ``transformers`` loads.
 
-    Tensors are in torch layout under HF's names, metadata ``{"format": "pt"}``. A layer wrapped
-    by a SHiRA adapter (any module with ``base_layer`` and ``effective_kernel()``) is exported
-    with its active adapters merged in, so the file is a plain dense model. Each file is written
-    to a temporary name and renamed; a stale sharded index in ``out_dir`` is removed.
+    Tensors are in torch layout under HF's names, metadata ``{"format": "pt"}``. A SHiRA layer
+    is exported with its active adapters merged in, so the file is a plain dense model. Each
+    file is written to a temporary name and renamed; a stale sharded index in ``out_dir`` is
+    removed.
 
     Args:
       model: a :class:`LlamaForCausalLM`, wrapped or not.
@@ -471,7 +415,7 @@ def save_pretrained(
         raise TypeError(f"save_pretrained needs a LlamaForCausalLM, got {type(model).__name__}")
     tensors = _export_tensors(model)
     abstract = _abstract_model(config, jnp.float32, jnp.float32)
-    expected = {s.key: s.hf_shape for s in _slots(abstract)}
+    expected = {key: _hf_shape(*slot) for key, slot in _slots(abstract).items()}
     if set(tensors) != set(expected):
         extra = sorted(set(tensors) - set(expected))
         lacking = sorted(set(expected) - set(tensors))
@@ -487,16 +431,10 @@ def save_pretrained(
 
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(
-        out / SAFE_WEIGHTS_NAME,
-        lambda tmp: save_file(arrays, tmp, metadata={"format": "pt"}),
+    atomic.write_with(
+        out / SAFE_WEIGHTS_NAME, lambda tmp: save_file(arrays, str(tmp), metadata={"format": "pt"})
     )
-    _atomic_write(
-        out / CONFIG_NAME,
-        lambda tmp: Path(tmp).write_text(
-            json.dumps(config.to_dict(dtype=dtype_name), indent=2, sort_keys=True) + "\n"
-        ),
-    )
+    atomic.write_json(out / CONFIG_NAME, dict(sorted(config.to_dict(dtype=dtype_name).items())))
     stale_index = out / SAFE_WEIGHTS_INDEX_NAME
     if stale_index.is_file():
         try:
