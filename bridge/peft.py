@@ -245,7 +245,6 @@ def _warn_stray(stray: Iterable[str], source: str) -> None:
         )
 
 
-
 # ----------------------------------------------------------------------------- models
 
 
