@@ -14,18 +14,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY_LLAMA, rel_err, tiny_hf_llama, torch_logits
 from flax import nnx
 
 import bridge
 import shira_jax as sj
 from shira_jax.models import KVCache, LlamaConfig, RopeScaling, generate
-from shira_jax.models import llama as llama_mod
+from shira_jax.models.llama import rope_cos_sin
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 RTOL = 1e-5  # relative to max |logit|, see the module docstring
-VOCAB = 128
+VOCAB = TINY_LLAMA["vocab_size"]
 LLAMA3 = {
     "rope_type": "llama3",
     "factor": 8.0,
@@ -45,36 +46,12 @@ CASES = {
 }
 
 
-def tiny_hf(seed: int = 0, **overrides):
-    """A random fp32 transformers Llama with weights large enough for well-separated logits."""
-    kw = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        rope_theta=1000.0,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    kw.update(overrides)
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model
-
-
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
     """case name -> (torch model, JAX model loaded through bridge.from_pretrained, its dir)."""
     out = {}
     for i, (name, kw) in enumerate(CASES.items()):
-        hf = tiny_hf(seed=i, **kw)
+        hf = tiny_hf_llama(seed=i, **kw)
         path = tmp_path_factory.mktemp(name)
         hf.save_pretrained(path)
         out[name] = (hf, bridge.from_pretrained(path), path)
@@ -89,24 +66,6 @@ def fwd(model, ids, mask, positions):
 @nnx.jit
 def fwd_cached(model, ids, mask, positions, cache):
     return model(ids, attention_mask=mask, positions=positions, cache=cache)
-
-
-def torch_logits(hf, ids, mask=None, positions=None):
-    with torch.no_grad():
-        return hf(
-            torch.as_tensor(np.asarray(ids)),
-            attention_mask=None if mask is None else torch.as_tensor(np.asarray(mask)),
-            position_ids=None if positions is None else torch.as_tensor(np.asarray(positions)),
-        ).logits.numpy()
-
-
-def rel_err(a, b, where=None) -> float:
-    """max |a - b| / max |b| (over ``where`` only, if given)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    diff = np.abs(a - b)
-    if where is not None:
-        diff, b = diff[where], b[where]
-    return float(diff.max() / np.abs(b).max())
 
 
 LENGTH = 24  # one sequence length for most tests, so compiled programs are shared
@@ -131,9 +90,13 @@ def unpadded(ids):
 # --------------------------------------------------------------------------- structure
 
 
-def test_module_paths_and_linear_layers_mirror_hf(pairs):
+def test_module_paths_and_linear_layers_mirror_hf(pairs, tmp_path):
+    from safetensors import safe_open
+
     hf, model, _ = pairs["bias"]
-    keys = set(bridge.weights._export_tensors(model))
+    out = bridge.save_pretrained(model, tmp_path)
+    with safe_open(str(out / "model.safetensors"), framework="numpy") as f:
+        keys = set(f.keys())
     assert keys == set(hf.state_dict())
     layer = model.model.layers[1]
     for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -185,14 +148,21 @@ def test_default_positions_and_left_padding(pairs):
     assert rel_err(fwd(model, ids, mask, positions)[0, 7:], alone[0]) < RTOL
 
 
-def test_rope_inverse_frequencies_match_transformers(pairs):
+def test_rope_tables_match_transformers(pairs):
+    """cos / sin tables equal transformers' rotary embedding; at position 1 they are cos / sin of
+    the inverse frequencies themselves, so those agree to the same rtol."""
+    positions = np.arange(1, 33)[None]
+    tables = {}
     for case in ("gqa_untied", "llama3_rope", "mha_linear_rope"):
         hf, model, _ = pairs[case]
-        ours = llama_mod._inv_freq(model.config)
-        theirs = hf.model.rotary_emb.inv_freq.numpy()
-        np.testing.assert_allclose(ours, theirs, rtol=1e-6)
-    plain = llama_mod._inv_freq(pairs["gqa_untied"][1].config)
-    assert not np.allclose(llama_mod._inv_freq(pairs["llama3_rope"][1].config), plain)
+        ours = rope_cos_sin(jnp.asarray(positions), model.config, jnp.float32)
+        probe = torch.zeros(1, positions.shape[1], model.config.head_dim)
+        with torch.no_grad():
+            theirs = hf.model.rotary_emb(probe, torch.as_tensor(positions))
+        for a, b in zip(ours, theirs):
+            np.testing.assert_allclose(np.asarray(a), b.numpy(), rtol=1e-6, atol=1e-7)
+        tables[case] = np.asarray(ours[1])
+    assert not np.allclose(tables["llama3_rope"], tables["gqa_untied"])
 
 
 def test_bf16_compute_and_params(pairs):
@@ -213,17 +183,8 @@ def test_bf16_compute_and_params(pairs):
 
 
 def test_config_round_trip_through_transformers(tmp_path):
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rope_theta=5e5,
-        rope_scaling=LLAMA3,
-        eos_token_id=[2, 3],
-    )
+    cfg = LlamaConfig(**{**TINY_LLAMA, "rope_theta": 5e5, "rope_scaling": LLAMA3,
+                         "eos_token_id": [2, 3]})
     assert isinstance(cfg.rope_scaling, RopeScaling) and cfg.eos_token_id == (2, 3)
     assert hash(cfg) == hash(LlamaConfig.from_dict(cfg.to_dict()))
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY_LLAMA, rel_err, tiny_hf_llama, tiny_jax_llama, torch_logits
 from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
@@ -22,47 +23,13 @@ from safetensors.numpy import load_file, save_file
 import bridge
 import shira_jax as sj
 from bridge import gguf as bgguf
-from shira_jax.models import LlamaConfig, LlamaForCausalLM
+from shira_jax.models import LlamaConfig
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 RTOL = 1e-5
-VOCAB = 96
-
-
-def tiny_hf(seed=0, **overrides):
-    kw = dict(
-        vocab_size=VOCAB,
-        hidden_size=48,
-        intermediate_size=80,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rope_theta=500.0,
-    )
-    kw.update(overrides)
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model
-
-
-def tiny_jax(seed=0, **overrides) -> LlamaForCausalLM:
-    kw = dict(
-        vocab_size=VOCAB,
-        hidden_size=48,
-        intermediate_size=80,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rope_theta=500.0,
-        initializer_range=0.1,
-    )
-    kw.update(overrides)
-    return LlamaForCausalLM(LlamaConfig(**kw), rngs=nnx.Rngs(seed))
+VOCAB = TINY_LLAMA["vocab_size"]
 
 
 @nnx.jit
@@ -70,22 +37,12 @@ def fwd(model, ids):
     return model(ids)
 
 
-def torch_logits(hf, ids):
-    with torch.no_grad():
-        return hf(torch.as_tensor(np.asarray(ids, np.int64))).logits.float().numpy()
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
 IDS = np.random.default_rng(0).integers(0, VOCAB, size=(2, 12))
 
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    hf = tiny_hf()
+    hf = tiny_hf_llama()
     path = tmp_path_factory.mktemp("hf")
     hf.save_pretrained(path)
     return hf, path
@@ -198,7 +155,7 @@ def test_unreachable_hub_gives_a_clear_error(monkeypatch):
     ids=["untied", "tied", "bias"],
 )
 def test_save_pretrained_round_trip_through_transformers(tmp_path, overrides):
-    model = tiny_jax(seed=1, **overrides)
+    model = tiny_jax_llama(seed=1, **overrides)
     if overrides.get("attention_bias"):  # zero-init biases would not test the layout
         for _, m in nnx.iter_modules(model):
             if isinstance(m, nnx.Linear) and m.bias is not None:
@@ -219,7 +176,7 @@ def test_save_pretrained_round_trip_through_transformers(tmp_path, overrides):
 
 
 def test_save_pretrained_bf16(tmp_path):
-    model = tiny_jax(seed=2)
+    model = tiny_jax_llama(seed=2)
     out = bridge.save_pretrained(model, tmp_path, dtype=jnp.bfloat16)
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype="auto")
@@ -232,7 +189,7 @@ def test_save_pretrained_bf16(tmp_path):
 
 
 def test_save_pretrained_exports_merged_shira_adapters(tmp_path):
-    model = tiny_jax(seed=3)
+    model = tiny_jax_llama(seed=3)
     base = np.asarray(fwd(model, IDS))
     cfg = sj.ShiraConfig(
         r=2, target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False, random_seed=0
