@@ -44,7 +44,8 @@ def write_with(path: str | os.PathLike, write: Callable[[Path], Any], suffix: st
     `suffix` is appended to the temporary name (some writers pick the format by extension).
     """
     path = Path(path)
-    tmp = _sibling(path, "tmp").with_suffix(path.suffix + suffix if suffix else ".tmp")
+    tmp = _sibling(path, "tmp")
+    tmp = tmp.with_name(tmp.name + suffix)
     try:
         write(tmp)
         os.replace(tmp, path)
