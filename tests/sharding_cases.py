@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from conftest import scan_blocks, stacked_blocks
 from flax import nnx
 
 import shira_jax as sj
@@ -70,23 +71,10 @@ class ScanNet(nnx.Module):
     """MaxText-style: blocks created once under nnx.vmap, applied with nnx.scan."""
 
     def __init__(self, rngs: nnx.Rngs):
-        @nnx.split_rngs(splits=L)
-        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
-        def make(rngs):
-            return Block(rngs)
-
-        self.layers = make(rngs)
+        self.layers = stacked_blocks(Block, L, rngs)
 
     def __call__(self, x):
-        @nnx.scan(
-            in_axes=(nnx.Carry, 0),
-            out_axes=nnx.Carry,
-            transform_metadata={nnx.PARTITION_NAME: None},
-        )
-        def body(x, block):
-            return block(x)
-
-        return body(x, self.layers)
+        return scan_blocks(self.layers, x)
 
 
 def build(make, mesh):
@@ -158,6 +146,22 @@ def _put(out: dict, prefix: str, arrays: dict) -> None:
         out[f"{prefix}/{k}"] = np.asarray(v)
 
 
+def _merge_round_trip(out: dict, model, x) -> tuple[dict, dict, np.ndarray]:
+    """merge / unmerge: output unchanged, kernels restored bit for bit, shardings kept.
+    Returns the kernels, their shardings and the output before the merge."""
+    before_k, before_s = kernels(model), kernel_shardings(model)
+    y_unmerged = np.asarray(forward(model, x))
+    sj.merge(model)
+    out["y_merged"] = np.asarray(forward(model, x))
+    out["merge_close"] = np.array(np.allclose(out["y_merged"], y_unmerged, atol=1e-5))
+    out["merge_sharding_kept"] = np.array(kernel_shardings(model) == before_s)
+    sj.unmerge(model)
+    after = kernels(model)
+    out["unmerge_exact"] = np.array(all(np.array_equal(after[k], before_k[k]) for k in after))
+    out["unmerge_sharding_kept"] = np.array(kernel_shardings(model) == before_s)
+    return before_k, before_s, y_unmerged
+
+
 def train_case(layout: str, mesh, ckpt_dir: Path | None = None) -> dict[str, np.ndarray]:
     """Train, inspect HLO, merge / unmerge, switch adapters; optionally save a checkpoint."""
     specs, batch_axes = LAYOUTS[layout]
@@ -192,17 +196,7 @@ def train_case(layout: str, mesh, ckpt_dir: Path | None = None) -> dict[str, np.
         if layout == "dp":  # replicated kernels: nothing more to learn from merge / switch
             return out
 
-        # merge / unmerge: output unchanged, kernels restored bit for bit, shardings kept
-        before_k, before_s = kernels(model), kernel_shardings(model)
-        y_unmerged = np.asarray(forward(model, x))
-        sj.merge(model)
-        out["y_merged"] = np.asarray(forward(model, x))
-        out["merge_close"] = np.array(np.allclose(out["y_merged"], y_unmerged, atol=1e-5))
-        out["merge_sharding_kept"] = np.array(kernel_shardings(model) == before_s)
-        sj.unmerge(model)
-        after = kernels(model)
-        out["unmerge_exact"] = np.array(all(np.array_equal(after[k], before_k[k]) for k in after))
-        out["unmerge_sharding_kept"] = np.array(kernel_shardings(model) == before_s)
+        before_k, before_s, _ = _merge_round_trip(out, model, x)
 
         # switching: a second adapter, alone and fused
         sj.apply_shira(model, cfg(seed=11), adapter_name="b")
@@ -242,15 +236,7 @@ def stacked_case(mesh, ckpt_dir: Path | None = None) -> dict[str, np.ndarray]:
         _put(out, "values", values(model))
         if ckpt_dir is not None:
             sj.save_adapter(model, ckpt_dir / "stacked")
-        before_k, before_s = kernels(model), kernel_shardings(model)
-        y_unmerged = out["y"] = np.asarray(forward(model, x))
-        stacked.merge(model)
-        out["y_merged"] = np.asarray(forward(model, x))
-        out["merge_close"] = np.array(np.allclose(out["y_merged"], y_unmerged, atol=1e-5))
-        out["merge_sharding_kept"] = np.array(kernel_shardings(model) == before_s)
-        stacked.unmerge(model)
-        after = kernels(model)
-        out["unmerge_exact"] = np.array(all(np.array_equal(after[k], before_k[k]) for k in after))
+        _, _, out["y"] = _merge_round_trip(out, model, x)  # sj.merge routes stacked layers
         flat = stacked.unstack_adapter(model, "default")
         out["unstacked_paths"] = np.array(sorted(flat))
     return out

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import warnings
 from pathlib import Path
 
 import jax
@@ -18,10 +17,21 @@ import numpy as np
 import optax
 import pytest
 import torch
-from conftest import MLP, assert_unchanged, snapshot
+from conftest import (
+    MLP,
+    assert_unchanged,
+    file_tensors,
+    rel_err,
+    snapshot,
+    strict_from_pretrained,
+    strict_load_adapter,
+    tiny_llama_dir,
+    torch_logits,
+    torch_out,
+)
 from flax import nnx
 from safetensors import safe_open
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 import shira_jax as sj
 from bridge.convert import orbax_to_peft, peft_to_orbax
@@ -83,11 +93,6 @@ def xs() -> np.ndarray:
     return np.random.default_rng(0).standard_normal((6, 10)).astype(np.float32)
 
 
-def t_out(model, x: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.from_numpy(x)).numpy()
-
-
 def j_out(model, x: np.ndarray) -> np.ndarray:
     return np.asarray(model(jnp.asarray(x)))
 
@@ -102,30 +107,6 @@ def peft_model(base, **kw):
     if mask_fn is not None:
         cfg.mask_fn = mask_fn
     return peft.get_peft_model(base, cfg)
-
-
-def _strict_warnings() -> None:
-    """Every warning is an error ("Found missing adapter keys", PEFT's "Unexpected keyword
-    arguments" for unknown config fields, ...), except library deprecation notices."""
-    warnings.simplefilter("error")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-
-
-def strict_from_pretrained(base, folder, **kw):
-    with warnings.catch_warnings():
-        _strict_warnings()
-        return peft.PeftModel.from_pretrained(base, str(folder), **kw)
-
-
-def strict_load_adapter(pm, folder, name):
-    with warnings.catch_warnings():
-        _strict_warnings()
-        pm.load_adapter(str(folder), adapter_name=name)
-
-
-def file_tensors(folder) -> dict[str, np.ndarray]:
-    return load_file(str(Path(folder) / "adapter_model.safetensors"))
 
 
 def file_meta(folder) -> dict:
@@ -213,10 +194,10 @@ def test_peft_adapter_loads_into_jax_with_equal_outputs(case, tmp_path, xs):
     pm.save_pretrained(str(tmp_path))
     model = nnx_twin(pm)
     load_peft_adapter(model, tmp_path)
-    assert_close(j_out(model, xs), t_out(pm, xs))
+    assert_close(j_out(model, xs), torch_out(pm, xs))
     # The adapter changes the output (init_weights=False), so the comparison is meaningful.
     with sj.disable_adapter(model):
-        assert not np.allclose(j_out(model, xs), t_out(pm, xs), atol=1e-3)
+        assert not np.allclose(j_out(model, xs), torch_out(pm, xs), atol=1e-3)
     # Indices are PEFT's exactly; for random masks our own replay gives the same ones.
     for path, layer in sj.shira_layers(model):
         torch_layer = getattr(pm.base_model.model, path)
@@ -253,7 +234,7 @@ def test_two_peft_adapters_in_subfolders(tmp_path, xs):
     for name in ("default", "other"):
         pm.set_adapter(name)
         sj.set_adapter(model, name)
-        assert_close(j_out(model, xs), t_out(pm, xs))
+        assert_close(j_out(model, xs), torch_out(pm, xs))
 
 
 def test_dtype_option_and_float_indices(tmp_path, xs):
@@ -266,7 +247,7 @@ def test_dtype_option_and_float_indices(tmp_path, xs):
     model = nnx_twin(pm)
     load_peft_adapter(model, tmp_path)
     assert model.lin1.shira_indices["default"][...].dtype == jnp.int32
-    assert_close(j_out(model, xs), t_out(pm, xs))
+    assert_close(j_out(model, xs), torch_out(pm, xs))
     other = nnx_twin(pm)
     load_peft_adapter(other, tmp_path, dtype=jnp.bfloat16)
     assert other.lin1.shira_weight["default"][...].dtype == jnp.bfloat16
@@ -285,7 +266,7 @@ def test_duplicate_positions_are_summed_like_peft(tmp_path, xs):
     nnz = 2 * (20 + 40)
     assert model.lin1.shira_weight["default"].shape == (nnz - 1,)  # canonical: unique positions
     reference = strict_from_pretrained(torch_mlp(), tmp_path)  # PEFT scatter-adds duplicates
-    assert_close(j_out(model, xs), t_out(reference, xs))
+    assert_close(j_out(model, xs), torch_out(reference, xs))
     delta = np.asarray(model.lin1.get_delta_weight("default")).T  # torch layout [out, in]
     o, i = tensors[ik][:, 0]
     np.testing.assert_allclose(delta[o, i], tensors[wk][0] + tensors[wk][7], rtol=1e-6)
@@ -305,7 +286,7 @@ def test_stray_keys_of_other_adapters_are_warned_and_ignored(tmp_path, xs):
     with pytest.warns(UserWarning, match=r"shira_indices\.old_adapter"):
         load_peft_adapter(model, tmp_path)
     assert sj.adapter_names(model) == ("default",)
-    assert_close(j_out(model, xs), t_out(pm, xs))
+    assert_close(j_out(model, xs), torch_out(pm, xs))
 
 
 # --------------------------------------------------------------------------- JAX -> PEFT
@@ -337,9 +318,9 @@ def test_jax_adapter_saves_as_peft_file_identical_in_layout(tmp_path, xs):
     assert our_cfg == their_cfg
 
     pm = strict_from_pretrained(base, tmp_path / "ours")
-    assert_close(t_out(pm, xs), j_out(model, xs))
+    assert_close(torch_out(pm, xs), j_out(model, xs))
     with sj.disable_adapter(model):
-        assert not np.allclose(t_out(pm, xs), j_out(model, xs), atol=1e-4)
+        assert not np.allclose(torch_out(pm, xs), j_out(model, xs), atol=1e-4)
 
 
 def test_two_jax_adapters_round_trip_through_peft(tmp_path, xs):
@@ -365,7 +346,7 @@ def test_two_jax_adapters_round_trip_through_peft(tmp_path, xs):
         pm.set_adapter(name)
         sj.set_adapter(model, name)
         sj.set_adapter(back, name)
-        assert_close(t_out(pm, xs), j_out(model, xs))
+        assert_close(torch_out(pm, xs), j_out(model, xs))
         np.testing.assert_array_equal(j_out(back, xs), j_out(model, xs))
 
 
@@ -381,7 +362,7 @@ def test_jax_only_masks_load_in_peft_from_the_file_indices(mask_type, tmp_path, 
     save_peft_adapter(model, tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["mask_type"] == mask_type
     pm = strict_from_pretrained(base, tmp_path)
-    assert_close(t_out(pm, xs), j_out(model, xs))
+    assert_close(torch_out(pm, xs), j_out(model, xs))
 
 
 # --------------------------------------------------------------------------- modules_to_save
@@ -408,7 +389,7 @@ def test_modules_to_save_peft_to_jax_to_peft(tmp_path, xs):
     original_kernel = np.asarray(model.lin3.kernel[...]).copy()
     load_peft_adapter(model, tmp_path / "theirs")
     assert isinstance(model.lin3, sj.ModulesToSave)
-    assert_close(j_out(model, xs), t_out(pm, xs))
+    assert_close(j_out(model, xs), torch_out(pm, xs))
     np.testing.assert_array_equal(model.lin3.original_module.kernel[...], original_kernel)
 
     train_jax(model, xs)  # trains the SHiRA values and the lin3 copy
@@ -417,8 +398,9 @@ def test_modules_to_save_peft_to_jax_to_peft(tmp_path, xs):
     assert sorted(ours) == keys
     assert ours["base_model.model.lin3.weight"].shape == (10, 30)
     reloaded = strict_from_pretrained(torch_mlp(), tmp_path / "ours")
-    assert_close(t_out(reloaded, xs), j_out(model, xs))
-    assert not np.allclose(t_out(reloaded, xs), t_out(pm, xs), atol=1e-4)  # training did move
+    assert_close(torch_out(reloaded, xs), j_out(model, xs))
+    # training did move
+    assert not np.allclose(torch_out(reloaded, xs), torch_out(pm, xs), atol=1e-4)
 
 
 # --------------------------------------------------------------------------- bad files
@@ -645,7 +627,7 @@ def test_orbax_to_peft_equals_save_peft_adapter(tmp_path, good_dir, xs):
         (tmp_path / "direct" / "adapter_config.json").read_text()
     )
     pm = strict_from_pretrained(torch_mlp(), folder)
-    assert_close(t_out(pm, xs), j_out(model, xs))
+    assert_close(torch_out(pm, xs), j_out(model, xs))
 
 
 def test_orbax_to_peft_named_adapter_goes_to_subfolder(tmp_path, xs):
@@ -657,7 +639,7 @@ def test_orbax_to_peft_named_adapter_goes_to_subfolder(tmp_path, xs):
     folder = orbax_to_peft(tmp_path / "ckpt", tmp_path / "peft")
     assert folder == tmp_path / "peft" / "math"
     pm = strict_from_pretrained(base, folder, adapter_name="math")
-    assert_close(t_out(pm, xs), j_out(model, xs))
+    assert_close(torch_out(pm, xs), j_out(model, xs))
 
 
 def test_symlinked_adapter_subfolder_is_refused(tmp_path, good_dir):
@@ -683,7 +665,7 @@ def test_peft_to_orbax_needs_shapes_and_loads_back(tmp_path, good_dir, xs):
     peft_to_orbax(good_dir, tmp_path / "ckpt", model=MLP())
     model = nnx_twin(torch_mlp())
     sj.load_adapter(model, tmp_path / "ckpt")
-    assert_close(j_out(model, xs), t_out(reference, xs))
+    assert_close(j_out(model, xs), torch_out(reference, xs))
 
     # Without modules_to_save, kernel shapes alone are enough.
     pm = peft_model(
@@ -695,7 +677,7 @@ def test_peft_to_orbax_needs_shapes_and_loads_back(tmp_path, good_dir, xs):
     )
     model = nnx_twin(torch_mlp())
     sj.load_adapter(model, tmp_path / "ckpt2")
-    assert_close(j_out(model, xs), t_out(pm, xs))
+    assert_close(j_out(model, xs), torch_out(pm, xs))
     with pytest.raises(ValueError, match="out of range"):  # wrong shapes are caught
         peft_to_orbax(
             tmp_path / "plain",
@@ -712,26 +694,8 @@ LLAMA_IDS = np.random.default_rng(3).integers(3, 96, size=(2, 12)).astype(np.int
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory) -> Path:
     """A tiny random transformers Llama (fp32, untied lm_head) saved with save_pretrained."""
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        rope_theta=1000.0,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for param in hf.parameters():
-            param.add_(torch.randn_like(param) * 0.1)
-    path = tmp_path_factory.mktemp("llama")
-    hf.save_pretrained(path)
-    return path
+    pytest.importorskip("transformers")
+    return tiny_llama_dir(tmp_path_factory.mktemp("llama"), tie_word_embeddings=False)
 
 
 def hf_llama(path):
@@ -740,17 +704,8 @@ def hf_llama(path):
     return transformers.LlamaForCausalLM.from_pretrained(path).eval()
 
 
-def hf_logits(model) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.as_tensor(LLAMA_IDS, dtype=torch.long)).logits.numpy()
-
-
 def jax_logits(model) -> np.ndarray:
     return np.asarray(nnx.jit(lambda m, ids: m(ids))(model, jnp.asarray(LLAMA_IDS)))
-
-
-def max_rel(a, b) -> float:
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def test_llama_peft_adapter_to_jax_logits_equal(llama_dir, tmp_path):
@@ -774,10 +729,10 @@ def test_llama_peft_adapter_to_jax_logits_equal(llama_dir, tmp_path):
     base_logits = jax_logits(model)
     load_peft_adapter(model, tmp_path)
     assert len(sj.shira_layers(model)) == 6
-    ref, got = hf_logits(pm), jax_logits(model)
+    ref, got = torch_logits(pm, LLAMA_IDS), jax_logits(model)
     diff = float(np.abs(got - ref).max())
-    print(f"\nPEFT -> JAX llama: max |logit diff| {diff:.2e}, rel {max_rel(got, ref):.2e}")
-    assert max_rel(got, ref) < 1e-5
+    print(f"\nPEFT -> JAX llama: max |logit diff| {diff:.2e}, rel {rel_err(got, ref):.2e}")
+    assert rel_err(got, ref) < 1e-5
     assert float(np.abs(got - base_logits).max()) > 1e-2  # the adapter matters
 
 
@@ -816,8 +771,8 @@ def test_llama_jax_adapter_to_peft_logits_equal(llama_dir, tmp_path):
             np.testing.assert_array_equal(ours[key], theirs[key])
 
     pm = strict_from_pretrained(hf_llama(llama_dir), tmp_path / "ours")
-    ref, got = jax_logits(model), hf_logits(pm)
+    ref, got = jax_logits(model), torch_logits(pm, LLAMA_IDS)
     diff = float(np.abs(got - ref).max())
-    print(f"\nJAX -> PEFT llama: max |logit diff| {diff:.2e}, rel {max_rel(got, ref):.2e}")
-    assert max_rel(got, ref) < 1e-5
-    assert float(np.abs(got - hf_logits(hf_llama(llama_dir))).max()) > 1e-2
+    print(f"\nJAX -> PEFT llama: max |logit diff| {diff:.2e}, rel {rel_err(got, ref):.2e}")
+    assert rel_err(got, ref) < 1e-5
+    assert float(np.abs(got - torch_logits(hf_llama(llama_dir), LLAMA_IDS)).max()) > 1e-2

@@ -12,16 +12,22 @@ from __future__ import annotations
 
 import json
 import shutil
-import warnings
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import assert_unchanged, snapshot
+from conftest import (
+    assert_unchanged,
+    file_tensors,
+    scan_blocks,
+    snapshot,
+    stacked_blocks,
+    strict_from_pretrained,
+    torch_out,
+)
 from flax import nnx
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 import shira_jax as sj
 from bridge.peft import load_peft_adapter, save_peft_adapter
@@ -49,20 +55,11 @@ class StackNet(nnx.Module):
     """MaxText-style: L blocks created once under nnx.vmap, applied with nnx.scan."""
 
     def __init__(self, rngs: nnx.Rngs):
-        @nnx.split_rngs(splits=L)
-        @nnx.vmap(in_axes=0, out_axes=0)
-        def make(rngs):
-            return Block(rngs)
-
-        self.layers = make(rngs)
+        self.layers = stacked_blocks(Block, L, rngs)
         self.head = nnx.Linear(D, C, rngs=rngs)
 
     def __call__(self, x):
-        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-        def body(x, block):
-            return block(x)
-
-        return self.head(body(x, self.layers))
+        return self.head(scan_blocks(self.layers, x))
 
 
 class TorchBlock(torch.nn.Module):
@@ -114,11 +111,6 @@ def xs() -> np.ndarray:
     return np.random.default_rng(0).standard_normal((5, D)).astype(np.float32)
 
 
-def t_out(model, x):
-    with torch.no_grad():
-        return model(torch.from_numpy(x)).numpy()
-
-
 @nnx.jit  # compiled once per model structure: the scan is traced once, not every call
 def _forward(model, x):
     return model(x)
@@ -149,19 +141,6 @@ def assert_close(ours, theirs):
 
 def peft_model(base, **kw):
     return peft.get_peft_model(base, peft.ShiraConfig(**kw))
-
-
-def strict_from_pretrained(base, folder):
-    """Every warning ("Found missing adapter keys", unknown config fields) is an error."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        return peft.PeftModel.from_pretrained(base, str(folder))
-
-
-def file_tensors(folder) -> dict[str, np.ndarray]:
-    return load_file(str(Path(folder) / "adapter_model.safetensors"))
 
 
 def layer_keys(names=("down", "up")) -> list[str]:
@@ -204,9 +183,9 @@ def test_stacked_jax_adapter_exports_per_layer_keys_that_peft_loads(tmp_path, xs
     assert our_cfg == their_cfg
 
     pm = strict_from_pretrained(base, tmp_path / "ours")
-    assert_close(j_out(model, xs), t_out(pm, xs))
+    assert_close(j_out(model, xs), torch_out(pm, xs))
     with sj.disable_adapter(model):
-        assert not np.allclose(t_out(pm, xs), j_out(model, xs), atol=1e-4)
+        assert not np.allclose(torch_out(pm, xs), j_out(model, xs), atol=1e-4)
 
 
 def test_modules_to_save_holding_a_target_is_refused_before_any_change():
@@ -260,7 +239,7 @@ def test_peft_adapter_restacks_into_stacked_jax_model(peft_dir, tmp_path, xs):
     assert model.layers.down.shira_weight["default"][...].shape == (L, 2 * (D + H))
     assert model.layers.down.shira_indices["default"][...].shape == (L, 2, 2 * (D + H))
     assert isinstance(model.head, sj.ModulesToSave)
-    assert_close(j_out(model, xs), t_out(pm, xs))
+    assert_close(j_out(model, xs), torch_out(pm, xs))
 
     # and back: the export equals PEFT's own file, bit for bit
     save_peft_adapter(model, tmp_path / "again")
