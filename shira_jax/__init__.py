@@ -10,6 +10,7 @@ Example:
 from shira_jax import functional, masks, ops, sharding, stacked, state
 from shira_jax.checkpoint import load_adapter, save_adapter
 from shira_jax.config import ShiraConfig, matches_target
+from shira_jax.errors import AdapterLoadError
 from shira_jax.fusion import adapter_orthogonality, awom, awor, fuse_adapters
 from shira_jax.layer import (
     ShiraDense,
@@ -40,6 +41,7 @@ from shira_jax.state import AdapterState, LayerState
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterLoadError",
     "AdapterState",
     "LayerState",
     "ModulesToSave",

@@ -43,6 +43,7 @@ import numpy as np
 from flax import nnx
 
 from shira_jax.config import ShiraConfig
+from shira_jax.errors import AdapterLoadError
 from shira_jax.kernels import kernel_view
 from shira_jax.layer import is_stacked, unwrap
 from shira_jax.model import (
@@ -163,13 +164,18 @@ def inject(
     *,
     dtype: Any = None,
     source: str = "adapter",
+    allow_nonfinite: bool = False,
 ) -> None:
     """Add `state` to `model` as adapter `adapter_name`, after checking all of it.
 
     Checked before the model changes: the name is free, every layer exists with the state's
-    kernel shape, the indices are in range, and the `modules_to_save` arrays name existing
-    modules, variables and shapes. `dtype` casts the values (default: as stored). `source`
-    names the file in error messages.
+    kernel shape, the indices are in range and unique, the number of entries fits the budget
+    `r * (in + out)` of the config's rank (for masks made by a budget; `mask_type="custom"`
+    adapters such as fused ones may hold more), the values and `modules_to_save` arrays are
+    finite (unless `allow_nonfinite=True`) in the dtype they get, and the `modules_to_save`
+    arrays name existing modules, variables and shapes. A bad state raises
+    `shira_jax.AdapterLoadError` (a ValueError) naming `source` (the file); a name clash with
+    the model a KeyError. `dtype` casts the values (default: as stored).
     """
     check_adapter_name(adapter_name)
     if adapter_name in adapter_names(model):
@@ -181,7 +187,12 @@ def inject(
         raise ValueError(f"dtype must be a floating dtype, got {dtype!r}.")
     modules = dict(named_modules(model))
     _check_layers(modules, state, source)
+    _check_entries(state, source, dtype, allow_nonfinite)
     module_values = _checked_module_arrays(modules, state, adapter_name, source)
+    if not allow_nonfinite:
+        for path, params in module_values.items():
+            for var_path, array in params.items():
+                _require_finite(array, f"{source}: modules_to_save {path}.{var_path}")
     values = {p: s.values for p, s in state.layers.items()}
     indices = {p: s.indices for p, s in state.layers.items()}
     apply_shira(model, state.config, adapter_name, indices=indices, values=values)
@@ -196,26 +207,89 @@ def inject(
             copy[var_path].set_value(jnp.asarray(array, copy[var_path].get_value().dtype))
 
 
+def _xp(array: Any) -> Any:
+    """numpy for host arrays, jax.numpy for (possibly sharded) jax arrays."""
+    return np if isinstance(array, np.ndarray | np.generic) else jnp
+
+
+def _require_finite(array: Any, where: str) -> None:
+    xp = _xp(array)
+    if jnp.issubdtype(array.dtype, jnp.inexact) and not bool(xp.isfinite(array).all()):
+        bad = int((~xp.isfinite(array)).sum())
+        raise AdapterLoadError(
+            f"{where}: {bad} NaN/inf value(s) (in {array.dtype}). Refusing them; pass "
+            "allow_nonfinite=True to load them anyway."
+        )
+
+
+def _check_entries(
+    state: AdapterState, source: str, dtype: Any, allow_nonfinite: bool
+) -> None:
+    """Per layer: index and value shapes agree, nnz within the budget, positions unique,
+    values finite in the dtype they will have."""
+    budget = state.config.mask_type != "custom"
+    for path, layer in state.layers.items():
+        idx, vals, shape = layer.indices, layer.values, layer.kernel_shape
+        stack, (n_in, n_out) = shape[:-2], shape[-2:]
+        idx_shape, val_shape = tuple(np.shape(idx)), tuple(np.shape(vals))
+        if idx_shape[:-1] != (*stack, 2) or val_shape != (*stack, idx_shape[-1]):
+            raise AdapterLoadError(
+                f"{source}: layer {path}: indices {idx_shape} / values {val_shape} do not fit "
+                f"kernel {shape} (need [*stack, 2, nnz] and [*stack, nnz])."
+            )
+        nnz, r = idx_shape[-1], layer.r
+        if budget and (r != state.config.r or nnz > r * (n_in + n_out)):
+            raise AdapterLoadError(
+                f"{source}: layer {path}: {nnz} entries with r={r}, but the config's r is "
+                f"{state.config.r}: a budget of r * (in + out) = {state.config.r} * ({n_in} + "
+                f"{n_out}) = {state.config.r * (n_in + n_out)} per layer. The file's r and "
+                "its arrays disagree (edited, or made for another model?)."
+            )
+        _check_unique(idx, f"{source}: layer {path}")
+        cast = dtype or (jnp.float32 if np.dtype(vals.dtype).itemsize >= 4 else vals.dtype)
+        if not allow_nonfinite:
+            xp = _xp(vals)
+            _require_finite(xp.asarray(vals).astype(cast), f"{source}: layer {path} values")
+
+
+def _check_unique(indices: Any, where: str) -> None:
+    """Refuse repeated (in, out) positions in `[*stack, 2, nnz]` indices: a merge would add
+    their values while the unmerged forward and get_delta_weight disagree on them."""
+    xp = _xp(indices)
+    idx = xp.asarray(indices).reshape(-1, 2, np.shape(indices)[-1])
+    if idx.shape[-1] < 2:
+        return
+    order = xp.lexsort((idx[:, 1], idx[:, 0]), axis=-1)
+    rows = xp.take_along_axis(idx[:, 0], order, axis=-1)
+    cols = xp.take_along_axis(idx[:, 1], order, axis=-1)
+    same = (xp.diff(rows, axis=-1) == 0) & (xp.diff(cols, axis=-1) == 0)
+    if bool(same.any()):
+        raise AdapterLoadError(
+            f"{where}: {int(same.sum())} repeated index position(s); each (in, out) entry may "
+            "appear once. (PEFT files with duplicates are summed by bridge.peft's reader.)"
+        )
+
+
 def _check_layers(modules: Mapping[str, nnx.Module], state: AdapterState, source: str) -> None:
     if not state.layers:
-        raise ValueError(f"{source}: the adapter has no layers.")
+        raise AdapterLoadError(f"{source}: the adapter has no layers.")
     for path, layer in state.layers.items():
         if path not in modules:
             hit = stacked_path(path)
             close = [p for p in modules if p.rsplit(".", 1)[-1] == path.rsplit(".", 1)[-1]][:5]
             hint = " (a per-layer path of a scan-stacked layer: restack first)" if hit else ""
-            raise ValueError(
+            raise AdapterLoadError(
                 f"{source}: layer {path!r} does not exist in this model{hint} (similar: "
                 f"{close or 'none'}). Was the adapter made for another architecture?"
             )
         view = kernel_view(unwrap(modules[path]))
         if view is None:
-            raise ValueError(
+            raise AdapterLoadError(
                 f"{source}: layer {path!r} is a {type(modules[path]).__name__}, which SHiRA "
                 "cannot adapt."
             )
         if view.shape != layer.kernel_shape:
-            raise ValueError(
+            raise AdapterLoadError(
                 f"{source}: layer {path!r} was made for a kernel {list(layer.kernel_shape)}; "
                 f"this model's is {list(view.shape)}. Was the adapter made for another model size?"
             )
@@ -229,7 +303,7 @@ def _checked_module_arrays(
     patterns = state.config.modules_to_save
     if not patterns:
         if saved:
-            raise ValueError(
+            raise AdapterLoadError(
                 f"{source}: holds modules_to_save arrays for {sorted(saved)[:3]} but the config "
                 "lists no modules_to_save."
             )
@@ -237,9 +311,9 @@ def _checked_module_arrays(
     try:
         chosen = select_modules_to_save(dict(modules), patterns, list(state.layers))
     except ValueError as err:
-        raise ValueError(f"{source}: {err} Was the adapter made for another model?") from err
+        raise AdapterLoadError(f"{source}: {err} Was the adapter made for another model?") from err
     if sorted(chosen) != sorted(saved):
-        raise ValueError(
+        raise AdapterLoadError(
             f"{source}: modules_to_save {list(patterns)} select {sorted(chosen)} in this model, "
             f"but the adapter holds arrays for {sorted(saved)}."
         )
@@ -254,7 +328,7 @@ def _checked_module_arrays(
             module = module.original_module
         wanted = module_variables(module)
         if sorted(wanted) != sorted(saved[path]):
-            raise ValueError(
+            raise AdapterLoadError(
                 f"{source}: modules_to_save {path} has variables {sorted(wanted)}; the adapter "
                 f"holds {sorted(saved[path])}."
             )
@@ -262,11 +336,17 @@ def _checked_module_arrays(
         for var_path, variable in wanted.items():
             got = np.asarray(saved[path][var_path])
             if got.shape != tuple(variable.shape):
-                raise ValueError(
+                raise AdapterLoadError(
                     f"{source}: {path}.{var_path}: saved shape {got.shape}, model "
                     f"{tuple(variable.shape)}."
                 )
-            params[var_path] = got
+            try:  # the dtype the model's copy gets (1e300 as float32 is inf: checked after)
+                params[var_path] = got.astype(variable.get_value().dtype)
+            except (TypeError, ValueError) as err:
+                raise AdapterLoadError(
+                    f"{source}: {path}.{var_path}: saved dtype {got.dtype} does not convert to "
+                    f"{variable.get_value().dtype} ({err})."
+                ) from err
         out[path] = params
     return out
 

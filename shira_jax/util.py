@@ -24,6 +24,8 @@ from flax import nnx
 __all__ = ["as_tuple", "check_adapter_name", "dotted", "get_submodule", "set_submodule"]
 
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
+#: Longest adapter name: it becomes a folder name, and file systems allow 255 bytes.
+MAX_ADAPTER_NAME = 100
 
 
 def as_tuple(names: str | Sequence[str]) -> tuple[str, ...]:
@@ -37,11 +39,24 @@ def dotted(path: Sequence[Any]) -> str:
 
 
 def check_adapter_name(name: str) -> str:
-    """Adapter names become folder names in saved files: letters, digits, '_' and '-' only."""
-    if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name):
+    """Adapter names become folder names in saved files: letters, digits, '_' and '-' only,
+    at most `MAX_ADAPTER_NAME` characters (the whole name must match: no trailing newline).
+
+    >>> check_adapter_name("my-adapter_2")
+    'my-adapter_2'
+    >>> check_adapter_name("bad\\n")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ValueError: Bad adapter name 'bad\\n': use letters, digits, '_' and '-' ...
+    """
+    if (
+        not isinstance(name, str)
+        or len(name) > MAX_ADAPTER_NAME
+        or not _ADAPTER_NAME.fullmatch(name)
+    ):
+        shown = name if not isinstance(name, str) or len(name) <= 120 else name[:120] + "..."
         raise ValueError(
-            f"Bad adapter name {name!r}: use letters, digits, '_' and '-' "
-            "(no path separators, dots or '..')."
+            f"Bad adapter name {shown!r}: use letters, digits, '_' and '-' "
+            f"(no path separators, dots or '..'), at most {MAX_ADAPTER_NAME} characters."
         )
     return name
 
