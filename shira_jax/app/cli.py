@@ -30,6 +30,7 @@ from shira_jax.app.flags import add_flags, from_namespace, option
 from shira_jax.app.options import DTYPES, FinetuneConfig
 
 MISSING: Any = dataclasses.MISSING
+DEFAULT_MODEL = FinetuneConfig().model  # the embedded SmolLM2-135M
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -41,6 +42,8 @@ class FinetuneRunOptions:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GenerateOptions:
+    """`shira-jax generate` flags."""
+
     prompt: tuple[str, ...] = option((), 'the prompt, e.g. "ROMEO:\\n"', positional=True, nargs="*")
     model: str | None = option(
         None, "base model (default: the one recorded in the adapter, else smollm2-135m)"
@@ -58,16 +61,18 @@ class GenerateOptions:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ConvertOptions:
+    """`shira-jax convert` arguments."""
+
     src: str = option(MISSING, positional=True)
     dst: str = option(MISSING, positional=True)
-    model: str = option(
-        "smollm2-135m", "base model (PEFT -> orbax only: gives the kernel shapes)"
-    )
+    model: str = option(DEFAULT_MODEL, "base model (PEFT -> orbax only: gives the kernel shapes)")
     adapter_name: str | None = option(None)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DemoOptions:
+    """`shira-jax demo` flags."""
+
     r: int = option(4)
     steps: int = option(400)
     lr: float = option(1e-2)
@@ -118,7 +123,7 @@ def _generate(opts: GenerateOptions) -> int:
     model_name = opts.model
     if model_name is None:  # the adapter's own base model when it names a local one
         base = generate.adapter_base_model(*adapter) if adapter else None
-        model_name = base if base else FinetuneConfig().model
+        model_name = base if base else DEFAULT_MODEL
     model_path = source.resolve_model(model_name)
     tokenizer = source.load_model_tokenizer(model_path)
     model = source.load_model(model_path, opts.dtype)

@@ -7,7 +7,8 @@
     resume    a new adapter, or the checkpoint's (same indices, values, history, optimizer)
     train     AdamW (warmup, cosine decay, clipping) in a jitted step with donated buffers;
               hooks log, evaluate, checkpoint and stop on Ctrl-C (`shira_jax.app.loop`)
-    export    the checkpoint, the eval after training and
+    export    the checkpoint; unless interrupted, the eval after training and the adapter
+              (orbax, PEFT); then `report` writes the metrics and the plot:
 
     OUT/metrics.json     train_loss per step, eval losses, tokens/s, the config
     OUT/loss.png         the loss curve
