@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 import shira_jax as sj
-from benchmarks.common import Section, paired, ratio_figure
+from benchmarks.common import SMOLLM2, TINY_LLAMA, Section, jax_llama, paired, ratio_figure
 
 # Llama-3.2-3B attention shapes: hidden 3072, 24 heads, 8 KV heads of 128, 28 layers.
 LLAMA32_3B = dict(layers=28, hidden=3072, kv=1024, r=32)
@@ -124,10 +124,7 @@ def run(quick: bool = False) -> Section:
         )
         reset()
         # ---- base weights: SmolLM2-135M shapes
-        from benchmarks.train_step import SMOLLM2, jax_model
-        from benchmarks.train_step import TINY as TINY_LLAMA
-
-        base = jax_model(TINY_LLAMA if quick else SMOLLM2, 1 if quick else 30)
+        base = jax_llama(TINY_LLAMA if quick else SMOLLM2, 1 if quick else 30)
         ckpt = Path(tmp) / "model"
         bridge.save_pretrained(base, ckpt)
         del base

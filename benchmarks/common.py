@@ -1,8 +1,10 @@
-"""Shared machinery: paired timing, figures with goals, machine information.
+"""Shared machinery: paired timing, figures with goals, machine information, model builders.
 
 A `Figure` is one measured ratio (contender / baseline) with both medians, an optional goal
 (`"<= 1.3"` or `">= 15"`) and a note. `paired` runs callables round-robin so that slow drifts
-of a shared machine hit every contender alike.
+of a shared machine hit every contender alike. The models every benchmark builds live here
+once: Llama shapes (`SMOLLM2`, `TINY_LLAMA`) for JAX (`jax_llama`) and torch (`torch_llama`),
+and a plain stack of square `nnx.Linear` layers (`LinearStack`).
 """
 
 from __future__ import annotations
@@ -17,8 +19,84 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+from flax import nnx
 
-__all__ = ["Figure", "Section", "block", "machine_info", "paired", "ratio_figure"]
+from shira_jax.models.llama import LlamaConfig, LlamaForCausalLM
+
+__all__ = [
+    "ALL_LINEAR",
+    "QV",
+    "SMOLLM2",
+    "TINY_LLAMA",
+    "Figure",
+    "LinearStack",
+    "Section",
+    "block",
+    "jax_llama",
+    "machine_info",
+    "paired",
+    "ratio_figure",
+    "torch_llama",
+]
+
+# ----------------------------------------------------------------------------- models
+
+SMOLLM2 = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    rope_theta=100000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+    max_position_embeddings=2048,
+)
+TINY_LLAMA = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+    max_position_embeddings=128,
+)
+QV = ("q_proj", "v_proj")
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def jax_llama(config: dict[str, Any], layers: int) -> LlamaForCausalLM:
+    """The NNX Llama with `config`'s shapes and `layers` decoder layers (random weights)."""
+    return LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, **config), rngs=nnx.Rngs(0))
+
+
+def torch_llama(config: dict[str, Any], layers: int) -> Any:
+    """transformers' LlamaForCausalLM with the same shapes (fp32, seeded; callers pick
+    `.train()` / `.eval()` and the dtype)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(num_hidden_layers=layers, **config)
+    ).float()
+
+
+class LinearStack(nnx.Module):
+    """`depth` square `nnx.Linear(width, width)` layers with ReLU between (`layers.N`)."""
+
+    def __init__(self, width: int, depth: int = 4) -> None:
+        self.layers = nnx.List([nnx.Linear(width, width, rngs=nnx.Rngs(i)) for i in range(depth)])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for layer in self.layers:
+            x = jax.nn.relu(layer(x))
+        return x
+
+
+# ----------------------------------------------------------------------------- timing
 
 
 def block(value: Any) -> Any:

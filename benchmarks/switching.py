@@ -30,7 +30,18 @@ import numpy as np
 from flax import nnx
 
 import shira_jax as sj
-from benchmarks.common import Figure, Section, paired, ratio_figure, torch_threads
+from benchmarks.common import (
+    ALL_LINEAR,
+    SMOLLM2,
+    TINY_LLAMA,
+    Figure,
+    Section,
+    jax_llama,
+    paired,
+    ratio_figure,
+    torch_llama,
+    torch_threads,
+)
 from benchmarks.torch_worker import TorchWorker
 from shira_jax import ops
 
@@ -191,16 +202,20 @@ def _cast(a: jax.Array, dtype: Any) -> jax.Array:
     return a.astype(dtype)
 
 
-def shira_model(shapes: dict[str, tuple[int, int]], dtype: Any) -> nnx.Module:
-    model = Layers(shapes, dtype)
+def with_two_adapters(model: nnx.Module, targets: Sequence[str], r: int = R) -> nnx.Module:
+    """Adapters "a" (merged) and "b" on `targets`, with small values like trained ones."""
     for i, name in enumerate(["a", "b"]):
-        cfg = sj.ShiraConfig(r=R, target_modules=list(shapes), random_seed=i, init_weights=False)
+        cfg = sj.ShiraConfig(r=r, target_modules=list(targets), random_seed=i, init_weights=False)
         sj.apply_shira(model, cfg, name, key=jax.random.key(10 + i))
-    for _, layer in sj.shira_layers(model):  # small deltas, like a trained adapter
+    for _, layer in sj.shira_layers(model):
         for name in ("a", "b"):
             layer.shira_weight[name][...] = 0.01 * layer.shira_weight[name][...]
     sj.merge(model, ["a"])
     return model
+
+
+def shira_model(shapes: dict[str, tuple[int, int]], dtype: Any) -> nnx.Module:
+    return with_two_adapters(Layers(shapes, dtype), list(shapes))
 
 
 def donated_in_place(model: nnx.Module) -> bool:
@@ -233,15 +248,9 @@ def peft_switchers(
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
 
     def base() -> Any:
-        torch.manual_seed(0)
         if kind == "smollm2":
-            import transformers
-
-            from benchmarks.train_step import SMOLLM2, TINY
-
-            config = SMOLLM2 if r == R else TINY
-            cfg = transformers.LlamaConfig(num_hidden_layers=hf_layers, **config)
-            return transformers.LlamaForCausalLM(cfg).to(tdtype).eval()
+            return torch_llama(SMOLLM2 if r == R else TINY_LLAMA, hf_layers).to(tdtype).eval()
+        torch.manual_seed(0)
         module = torch.nn.Module()
         for name, (n_in, n_out) in shapes.items():
             lin = torch.nn.utils.skip_init(torch.nn.Linear, n_in, n_out, bias=False,
@@ -358,8 +367,6 @@ def run(quick: bool = False) -> Section:
     t0 = time.perf_counter()
     notes: list[str] = []
     dtypes = [("float32", jnp.float32), ("bfloat16", jnp.bfloat16)]
-    from benchmarks.train_step import ALL_LINEAR, SMOLLM2, TINY, jax_model
-
     if quick:  # every code path once: square fp32 with PEFT, bf16 extras, a whole model
         plan = [("square", 256, "float32", True), ("square", 256, "bfloat16", False),
                 ("model", 1, "float32", True)]
@@ -381,19 +388,13 @@ def run(quick: bool = False) -> Section:
             figs, note = _case("Llama-7B-shaped layer", LLAMA7B_LAYER, dtype, peft=peft,
                                extra=False, reps=reps["reps"] if quick else 5, warmup=1)
         else:  # whole model: SmolLM2-135M shapes, every linear layer of the decoder
-            config, r = (TINY, 4) if quick else (SMOLLM2, R)
-            model = jax_model(config, size)
+            config, r = (TINY_LLAMA, 4) if quick else (SMOLLM2, R)
+            model = jax_llama(config, size)
             if dtype != jnp.float32:
                 graphdef, state = nnx.split(model)
                 model = nnx.merge(graphdef, jax.tree.map(functools.partial(_cast, dtype=dtype),
                                                           state))
-            for i, adapter in enumerate(["a", "b"]):
-                sj.apply_shira(model, sj.ShiraConfig(r=r, target_modules=list(ALL_LINEAR),
-                                                     random_seed=i, init_weights=False), adapter)
-            for _, layer in sj.shira_layers(model):
-                for adapter in ("a", "b"):
-                    layer.shira_weight[adapter][...] = 0.01 * layer.shira_weight[adapter][...]
-            sj.merge(model, ["a"])
+            model = with_two_adapters(model, ALL_LINEAR, r)
             shapes = {p: (m.in_features, m.out_features) for p, m in sj.shira_layers(model)}
             peft = (dict(kind="smollm2", shapes=list(ALL_LINEAR), dtype=name, hf_layers=size,
                          r=r) if with_peft else None)

@@ -29,34 +29,22 @@ import optax
 from flax import nnx
 
 import shira_jax as sj
-from benchmarks.common import Figure, Section, paired, ratio_figure, torch_threads
+from benchmarks.common import (
+    ALL_LINEAR,
+    QV,
+    SMOLLM2,
+    TINY_LLAMA,
+    Figure,
+    LinearStack,
+    Section,
+    jax_llama,
+    paired,
+    ratio_figure,
+    torch_llama,
+    torch_threads,
+)
 from benchmarks.torch_worker import TorchWorker
-from shira_jax.models.llama import LlamaConfig, LlamaForCausalLM
 
-SMOLLM2 = dict(
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    rope_theta=100000.0,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=True,
-    max_position_embeddings=2048,
-)
-TINY = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    rope_theta=10000.0,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=True,
-    max_position_embeddings=128,
-)
-QV = ("q_proj", "v_proj")
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 R = 32
 
 
@@ -122,10 +110,6 @@ def own_copy(model: nnx.Module) -> nnx.Module:
     return nnx.merge(graphdef, jax.tree.map(jnp.array, state))
 
 
-def jax_model(config: dict[str, Any], layers: int) -> LlamaForCausalLM:
-    return LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, **config), rngs=nnx.Rngs(0))
-
-
 def with_lora(model: nnx.Module, targets: Sequence[str], r: int) -> nnx.Module:
     """Wrap every targeted `nnx.Linear` in `nnx.LoRA(base_module=...)` (in place)."""
     from shira_jax.model import named_modules, set_submodule
@@ -159,20 +143,11 @@ def torch_steps(
     """
     import peft
     import torch
-    import transformers
 
     torch_threads()
-    hf_config = transformers.LlamaConfig(
-        num_hidden_layers=layers,
-        hidden_act="silu",
-        attention_bias=False,
-        mlp_bias=False,
-        **config,
-    )
 
     def base() -> Any:
-        torch.manual_seed(0)
-        return transformers.LlamaForCausalLM(hf_config).float().train()
+        return torch_llama(config, layers).train()
 
     tids = torch.as_tensor(np.asarray(ids, np.int64))
 
@@ -228,7 +203,7 @@ def _case(
 ) -> tuple[list[Figure], list[str]]:
     ids = jax.random.randint(jax.random.key(1), batch, 0, config["vocab_size"], dtype=jnp.int32)
     t0 = time.perf_counter()
-    base = jax_model(config, layers)
+    base = jax_llama(config, layers)
     steps: dict[str, Any] = {"jax frozen": JaxStep(base, ids, None)}
     steps["jax SHiRA"] = JaxStep(with_shira(own_copy(base), targets, r), ids, sj.ShiraParam)
     steps["jax LoRA"] = JaxStep(with_lora(own_copy(base), targets, r), ids, nnx.LoRAParam)
@@ -305,15 +280,6 @@ def _case(
 def mlp_memory() -> Figure:
     """The issue's MLP stack (4 x 1024^2 Linear, 256 tokens): compiled temp memory only."""
 
-    class Stack(nnx.Module):
-        def __init__(self) -> None:
-            self.layers = nnx.List([nnx.Linear(1024, 1024, rngs=nnx.Rngs(i)) for i in range(4)])
-
-        def __call__(self, x: jax.Array) -> jax.Array:
-            for layer in self.layers:
-                x = jax.nn.relu(layer(x))
-            return x
-
     x = jnp.ones((256, 1024))
 
     def temp(model: nnx.Module, wrt: Any) -> int:
@@ -326,9 +292,9 @@ def mlp_memory() -> Figure:
         return int(jax.jit(f).lower(state).compile().memory_analysis().temp_size_in_bytes)
 
     targets = [f"layers.{i}" for i in range(4)]
-    shira = Stack()
+    shira = LinearStack(1024)
     sj.apply_shira(shira, sj.ShiraConfig(r=R, target_modules=targets, random_seed=0))
-    lora = Stack()
+    lora = LinearStack(1024)
     for i in range(4):
         lin = lora.layers[i]
         lora.layers[i] = nnx.LoRA(1024, R, 1024, base_module=lin, rngs=nnx.Rngs(i))
@@ -347,7 +313,7 @@ def run(quick: bool = False) -> Section:
     t0 = time.perf_counter()
     notes: list[str] = []
     if quick:
-        cases = [("tiny 1-layer", TINY, 1, QV, (1, 16), dict(reps=1, warmup=0, naive=True,
+        cases = [("tiny 1-layer", TINY_LLAMA, 1, QV, (1, 16), dict(reps=1, warmup=0, naive=True,
                                                            torch_side=True, r=4))]
     else:
         cases = [

@@ -83,19 +83,12 @@ def test_recomputing_backward_is_bit_identical_to_plain_autodiff(dtype):
 
 
 def test_recomputing_backward_keeps_no_patched_kernel():
-    class Stack(nnx.Module):
-        def __init__(self):
-            self.layers = nnx.List([nnx.Linear(256, 256, rngs=nnx.Rngs(i)) for i in range(4)])
-
-        def __call__(self, x):
-            for layer in self.layers:
-                x = jax.nn.relu(layer(x))
-            return x
+    from benchmarks.common import LinearStack  # the stack of benchmarks/train_step.py
 
     x = jnp.ones((8, 256))
 
     def temp(recompute: bool) -> int:
-        model = Stack()
+        model = LinearStack(256)
         sj.apply_shira(model, sj.ShiraConfig(r=8, target_modules=r"layers\.\d+", random_seed=0))
         for _, layer in sj.shira_layers(model):
             layer.recompute_in_backward = recompute
