@@ -69,6 +69,14 @@ from bridge.conventions import (
 )
 from shira_jax import atomic
 from shira_jax.config import ALL_LINEAR, EXTRA_KEY, ShiraConfig, resolve_targets
+from shira_jax.errors import (
+    AdapterFileNotFoundError,
+    AdapterKeyError,
+    AdapterLoadError,
+    check_dotted_path,
+    check_regular_file,
+    read_json_object,
+)
 from shira_jax.kernels import kernel_view
 from shira_jax.layer import unwrap
 from shira_jax.model import named_modules
@@ -80,6 +88,7 @@ from shira_jax.util import check_adapter_name
 __all__ = [
     "CONFIG_NAME",
     "AdapterFileNotFoundError",
+    "AdapterLoadError",
     "KEY_PREFIX",
     "WEIGHTS_NAME",
     "check_peft_budget",
@@ -103,8 +112,10 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 _PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 
 
-class AdapterFileNotFoundError(FileNotFoundError, ValueError):
-    """A PEFT adapter folder or one of its files is missing (also a ValueError)."""
+#: Element types numpy (or, for BF16, ml_dtypes) reads; others (F8_*, F4, ...) are refused.
+_SAFETENSORS_DTYPES = frozenset(
+    ("BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64", "F16", "BF16", "F32", "F64")
+)
 
 
 # ----------------------------------------------------------------------------- files
@@ -117,12 +128,14 @@ def read_peft_dir(
 
     For an `adapter_name` other than "default", the subfolder `directory/<adapter_name>` is
     read when it holds an adapter (PEFT's save_pretrained puts non-default adapters there),
-    else `directory` itself. Only safetensors is
-    read; a pickle file (`adapter_model.bin`) is refused. Nothing is checked against a model.
+    else `directory` itself. A `save_peft_adapter` that a kill interrupted is finished first
+    (`shira_jax.atomic.recover_files`). Only regular files are read, and only safetensors (a
+    pickle file, `adapter_model.bin`, is refused). Nothing is checked against a model. Any
+    problem raises `AdapterLoadError` naming the file.
     """
     folder = Path(directory)
-    if folder.is_file():
-        raise ValueError(
+    if folder.exists() and not folder.is_dir():
+        raise AdapterLoadError(
             f"{folder} is a file; pass the adapter folder that holds {CONFIG_NAME} and "
             f"{WEIGHTS_NAME}."
         )
@@ -131,32 +144,31 @@ def read_peft_dir(
     if (
         adapter_name
         and adapter_name != "default"
-        and (folder / check_adapter_name(adapter_name) / CONFIG_NAME).is_file()
+        and os.path.lexists(folder / check_adapter_name(adapter_name) / CONFIG_NAME)
     ):
         folder = folder / adapter_name
+    try:
+        atomic.recover_files(folder)  # roll a complete interrupted save forward
+    except OSError as err:
+        raise AdapterLoadError(f"{folder}: cannot finish an interrupted save ({err}).") from err
     config_path = folder / CONFIG_NAME
-    if not config_path.is_file():
+    if not os.path.lexists(config_path):
         raise AdapterFileNotFoundError(
             f"{folder} has no {CONFIG_NAME}: not a PEFT adapter folder (PEFT's save_pretrained "
             "writes adapter_config.json next to adapter_model.safetensors)."
         )
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{config_path} is not valid JSON: {err}") from err
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_path} must hold a JSON object, got {type(config).__name__}.")
+    config = read_json_object(config_path, "PEFT adapter config")
     peft_type = config.get("peft_type")
     if str(peft_type).upper() != "SHIRA":
-        raise ValueError(
-            f"{config_path}: peft_type is {peft_type!r}, not 'SHIRA'. This is not a SHiRA "
-            "adapter; load it with PEFT itself (PeftModel.from_pretrained)."
+        raise AdapterLoadError(
+            f"{config_path}: peft_type is {str(peft_type)[:100]!r}, not 'SHIRA'. This is not a "
+            "SHiRA adapter; load it with PEFT itself (PeftModel.from_pretrained)."
         )
     weights_path = folder / WEIGHTS_NAME
-    if not weights_path.is_file():
-        pickles = [n for n in _PICKLE_NAMES if (folder / n).exists()]
+    if not os.path.lexists(weights_path):
+        pickles = [n for n in _PICKLE_NAMES if os.path.lexists(folder / n)]
         if pickles:
-            raise ValueError(
+            raise AdapterLoadError(
                 f"{folder} holds {pickles[0]} (a pickle file), which is never loaded: it can run "
                 "code. Re-save it as safetensors with PEFT: PeftModel.from_pretrained(base, dir)"
                 ".save_pretrained(out, safe_serialization=True)."
@@ -166,19 +178,27 @@ def read_peft_dir(
 
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a regular safetensors file as numpy; unknown dtypes are refused."""
     from safetensors import SafetensorError, safe_open
 
+    check_regular_file(path, "safetensors file")
     out: dict[str, np.ndarray] = {}
     try:
         with safe_open(str(path), framework="numpy") as handle:
             for key in handle.keys():
+                dtype = handle.get_slice(key).get_dtype()
+                if dtype not in _SAFETENSORS_DTYPES:
+                    raise AdapterLoadError(
+                        f"{path}: key {key!r} has dtype {dtype}, which is not read (allowed: "
+                        f"{sorted(_SAFETENSORS_DTYPES)})."
+                    )
                 try:
                     out[key] = handle.get_tensor(key)
-                except TypeError:  # bfloat16 / fp8: numpy has no name for them
+                except TypeError:  # bfloat16: numpy has no name for it
                     with safe_open(str(path), framework="flax") as flax_handle:
                         out[key] = np.asarray(flax_handle.get_tensor(key))
-    except SafetensorError as err:
-        raise ValueError(
+    except (SafetensorError, OSError) as err:
+        raise AdapterLoadError(
             f"{path} is not a readable safetensors file ({err}); it may be truncated or "
             "written by something else. Re-save the adapter with PEFT."
         ) from err
@@ -203,11 +223,11 @@ def split_peft_keys(
     stray: list[str] = []
     for key, array in tensors.items():
         if not key.startswith(KEY_PREFIX):
-            raise ValueError(
+            raise AdapterLoadError(
                 f"{source}: key {key!r} does not start with {KEY_PREFIX!r}; this is not a state "
                 "dict that PEFT's save_pretrained wrote."
             )
-        rest = key[len(KEY_PREFIX) :]
+        rest = check_dotted_path(key[len(KEY_PREFIX) :], source, f"key {key[:200]!r}")
         path, _, leaf = rest.rpartition(".")
         parent = path.rpartition(".")[2]
         if leaf == WEIGHT:
@@ -219,14 +239,14 @@ def split_peft_keys(
         else:
             other[rest] = array
     for path in sorted(set(weights) - set(indices)):
-        raise ValueError(
+        raise AdapterLoadError(
             f"{source}: layer {path} has {KEY_PREFIX}{path}.{WEIGHT} but no "
             f"{KEY_PREFIX}{path}.{INDICES}. PEFT would silently regenerate a random mask from "
             "the config's seed and put the values in the wrong places; refusing. Save the "
             "adapter with a PEFT version that writes shira_indices (>= 0.17)."
         )
     for path in sorted(set(indices) - set(weights)):
-        raise ValueError(
+        raise AdapterLoadError(
             f"{source}: layer {path} has {INDICES} but no {KEY_PREFIX}{path}.{WEIGHT}; the "
             "file is incomplete. Re-save the adapter."
         )
@@ -255,6 +275,7 @@ def load_peft_adapter(
     *,
     dtype: Any = None,
     stack_name: str = "layers",
+    allow_nonfinite: bool = False,
 ) -> None:
     """Load a PEFT SHiRA adapter folder into an NNX model, in place (PEFT -> JAX).
 
@@ -277,18 +298,28 @@ def load_peft_adapter(
         adapter_name: the name the adapter gets in `model`.
         dtype: dtype of the loaded SHiRA values (default float32, as PEFT stores them).
         stack_name: the attribute holding scan-stacked blocks (`layers.N` in the file).
+        allow_nonfinite: load NaN/inf values (refused by default).
 
     Raises:
-        AdapterFileNotFoundError: (a FileNotFoundError and a ValueError) no folder,
-            adapter_config.json or adapter_model.safetensors.
-        ValueError: not SHiRA, pickle file, unreadable file, bad shapes or ranges, keys for
-            modules that do not exist, missing keys.
-        KeyError: a layer path or adapter name clash.
+        AdapterLoadError: (a ValueError) any bad file: not SHiRA, pickle file, unreadable or
+            not a regular file, bad JSON, bad dtypes, shapes, sizes or ranges, keys for
+            modules that do not exist, missing keys, NaN/inf values. Its subclasses
+            AdapterFileNotFoundError (also a FileNotFoundError: no folder,
+            adapter_config.json or adapter_model.safetensors) and AdapterKeyError (also a
+            KeyError: a key for a layer the model does not have).
+        KeyError: an adapter name clash with the model.
     """
     check_adapter_name(adapter_name)
     folder, state = read_state(directory, adapter_name, model=model, stack_name=stack_name)
     source = str(folder / WEIGHTS_NAME)
-    inject(model, adapter_name, state.restacked(model, stack_name), dtype=dtype, source=source)
+    inject(
+        model,
+        adapter_name,
+        state.restacked(model, stack_name),
+        dtype=dtype,
+        source=source,
+        allow_nonfinite=allow_nonfinite,
+    )
 
 
 def save_peft_adapter(
@@ -353,13 +384,13 @@ def read_state(
     source = str(folder / WEIGHTS_NAME)
     try:
         config = ShiraConfig.from_dict(raw_config)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{folder / CONFIG_NAME}: bad SHiRA config: {err}") from err
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as err:
+        raise AdapterLoadError(f"{folder / CONFIG_NAME}: bad SHiRA config: {err}") from err
     found, other, stray = split_peft_keys(tensors, source=source)
     if not found:
-        raise ValueError(f"{source} has no {WEIGHT}/{INDICES} keys: no SHiRA layer to load.")
+        raise AdapterLoadError(f"{source} has no {WEIGHT}/{INDICES} keys: no SHiRA layer to load.")
     if other and model is None:
-        raise ValueError(
+        raise AdapterLoadError(
             f"{source} has modules_to_save params ({sorted(other)[:3]}...); converting them "
             "needs model=... to know each module's Flax variable names and layouts."
         )
@@ -371,27 +402,48 @@ def read_state(
             if kernel_shapes is not None
             else _model_shape(modules, path, source, stack_name)
         )
-        idx, val = torch_to_kernel_order(
-            arrays["indices"], arrays["values"], shape, layer_name=f"{path} in {source}"
-        )
+        try:
+            idx, val = torch_to_kernel_order(
+                arrays["indices"], arrays["values"], shape, layer_name=f"{path} in {source}"
+            )
+        except ValueError as err:
+            raise AdapterLoadError(str(err)) from err
         layers[path] = LayerState(idx, val, shape, config.r)
     _check_stacks(modules, layers, source, stack_name)
+    for path, arrays in found.items():
+        _check_peft_size(arrays, layers[path].kernel_shape, config.r, f"{source}: layer {path}")
     saved = _module_arrays(modules, config, other, source)
     _warn_stray(stray, source)
     return folder, AdapterState(config, layers, saved)
+
+
+def _check_peft_size(
+    arrays: Mapping[str, np.ndarray], shape: tuple[int, int], r: int, where: str
+) -> None:
+    """PEFT's own size check: its `shira_weight` of a layer `(in, out)` is exactly
+    `r * (in + out)` long, so a file of another size (another base model whose indices
+    happen to be in range, or an `r` that disagrees with the arrays) is refused as PEFT does."""
+    n_in, n_out = shape
+    nnz = int(np.shape(arrays["values"])[-1]) if np.ndim(arrays["values"]) else -1
+    if nnz != r * (n_in + n_out):
+        raise AdapterLoadError(
+            f"{where}: {WEIGHT} has {nnz} entries, but r * (in + out) = {r} * ({n_in} + "
+            f"{n_out}) = {r * (n_in + n_out)} for this model's layer (PEFT refuses such a file "
+            "by size). Was the adapter made for another base model, or is the config's r wrong?"
+        )
 
 
 def _given_shape(
     kernel_shapes: Mapping[str, tuple[int, int]], path: str, source: str
 ) -> tuple[int, int]:
     if path not in kernel_shapes:
-        raise KeyError(
+        raise AdapterKeyError(
             f"{source}: no kernel shape for layer {path!r}; kernel_shapes has "
             f"{sorted(kernel_shapes)[:10]}."
         )
     shape = tuple(int(n) for n in kernel_shapes[path])
     if len(shape) != 2 or min(shape) <= 0:
-        raise ValueError(f"kernel_shapes[{path!r}] must be (in, out), got {shape}.")
+        raise AdapterLoadError(f"kernel_shapes[{path!r}] must be (in, out), got {shape}.")
     return shape
 
 
@@ -404,7 +456,7 @@ def _model_shape(
     view = kernel_view(unwrap(modules[hit[0]])) if hit and hit[0] in modules else None
     if view is not None and view.stacked:
         if hit[1] >= view.stack_shape[0]:
-            raise KeyError(
+            raise AdapterKeyError(
                 f"{source}: key {KEY_PREFIX}{path}.{WEIGHT} is for layer {hit[1]} of the "
                 f"scan-stacked layer {hit[0]!r}, which has {view.stack_shape[0]} layers. Was the "
                 "adapter made for a deeper model?"
@@ -412,19 +464,19 @@ def _model_shape(
         return view.n_in, view.n_out
     if path not in modules:
         close = [p for p in modules if p.rsplit(".", 1)[-1] == path.rsplit(".", 1)[-1]][:5]
-        raise KeyError(
+        raise AdapterKeyError(
             f"{source}: key {KEY_PREFIX}{path}.{WEIGHT} is for module {path!r}, which does not "
             f"exist in this model (similar: {close or 'none'}). Was the adapter made for "
             "another architecture? Module paths must equal the HF module names."
         )
     view = kernel_view(unwrap(modules[path]))
     if view is None:
-        raise ValueError(
+        raise AdapterLoadError(
             f"{source}: SHiRA keys for {path!r}, but that module is a "
             f"{type(modules[path]).__name__}, which SHiRA cannot adapt (not an nnx.Linear)."
         )
     if view.stacked:
-        raise ValueError(
+        raise AdapterLoadError(
             f"{source}: SHiRA keys for {path!r}, a scan-stacked layer; PEFT files name its layers "
             "one by one (`<prefix>.layers.N.<rest>`), never the stacked path."
         )
@@ -448,14 +500,14 @@ def _check_stacks(
         missing = sorted(set(range(n_layers)) - set(sizes))
         if missing:
             names = [unstacked_path(path, i, stack_name) for i in missing[:3]]
-            raise ValueError(
+            raise AdapterLoadError(
                 f"{source}: the scan-stacked layer {path!r} has {n_layers} layers, but the file "
                 f"has no SHiRA keys for layers {missing} (e.g. {KEY_PREFIX}{names[0]}.{WEIGHT}). "
                 "A stacked layer gets an adapter in every layer; load it into a model with "
                 "per-layer modules instead."
             )
         if len(set(sizes.values())) > 1:
-            raise ValueError(
+            raise AdapterLoadError(
                 f"{source}: the layers of the scan-stacked layer {path!r} have different numbers "
                 f"of SHiRA entries (layer: nnz {dict(sorted(sizes.items()))}, counted after "
                 "duplicate positions are summed); a stacked adapter holds one [L, nnz] array, so "
@@ -475,7 +527,7 @@ def _module_arrays(
     if not config.modules_to_save:
         if other:
             keys = [KEY_PREFIX + k for k in sorted(other)][:5]
-            raise ValueError(
+            raise AdapterLoadError(
                 f"{source}: keys {keys} are neither SHiRA keys nor modules_to_save params (the "
                 "config lists no modules_to_save). Refusing to guess; fix the config or file."
             )
@@ -485,7 +537,7 @@ def _module_arrays(
     try:
         paths = select_modules_to_save(dict(modules), config.modules_to_save)
     except ValueError as err:
-        raise ValueError(f"{source}: {err} Was the adapter made for another model?") from err
+        raise AdapterLoadError(f"{source}: {err} Was the adapter made for another model?") from err
     left = dict(other)
     out: dict[str, dict[str, np.ndarray]] = {}
     for path in paths:
@@ -497,14 +549,14 @@ def _module_arrays(
         for name, (var_path, transpose) in torch_names(variables, path).items():
             key, variable = f"{path}.{name}", variables[var_path]
             if key not in left:
-                raise ValueError(
+                raise AdapterLoadError(
                     f"{source}: modules_to_save module {path} needs key {KEY_PREFIX}{key}, which "
                     "is missing (PEFT would keep the base values and only warn); refusing."
                 )
             array = np.asarray(left.pop(key))
             want = tuple(variable.shape)[::-1] if transpose else tuple(variable.shape)
             if array.shape != want:
-                raise ValueError(
+                raise AdapterLoadError(
                     f"{source}: {KEY_PREFIX}{key} has shape {array.shape}; module {path} needs "
                     f"{want} (torch layout). The adapter was made for another model size."
                 )
@@ -512,7 +564,7 @@ def _module_arrays(
             out[path][var_path] = np.asarray(array.T if transpose else array, dtype=dtype)
     if left:
         keys = [KEY_PREFIX + k for k in sorted(left)][:5]
-        raise ValueError(
+        raise AdapterLoadError(
             f"{source}: keys {keys} belong to no SHiRA layer or modules_to_save module of this "
             f"model (modules_to_save matched {paths}). Check the base model."
         )
@@ -674,14 +726,14 @@ def _linear_paths(model: nnx.Module, stack_name: str) -> list[str]:
 def write_peft_dir(
     folder: str | os.PathLike, tensors: Mapping[str, np.ndarray], config: Mapping[str, Any]
 ) -> None:
-    """Write `adapter_model.safetensors` and `adapter_config.json` into `folder`, atomically
-    per file (`shira_jax.atomic`)."""
+    """Write `adapter_model.safetensors` and `adapter_config.json` into `folder` as one unit
+    (`shira_jax.atomic.write_files`): after a kill at any moment the folder holds the old pair
+    or the new pair once the next save or load has recovered it, never a mix."""
     from safetensors.numpy import save
 
     folder = Path(folder)
-    if folder.is_file():
+    if folder.exists() and not folder.is_dir():
         raise ValueError(f"Cannot write an adapter into {folder}: it is a file.")
-    folder.mkdir(parents=True, exist_ok=True)
     blob = save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, {"format": "pt"})
-    atomic.write_bytes(folder / WEIGHTS_NAME, blob)
-    atomic.write_json(folder / CONFIG_NAME, dict(sorted(config.items())))
+    text = json.dumps(dict(sorted(config.items())), indent=2) + "\n"
+    atomic.write_files(folder, {WEIGHTS_NAME: blob, CONFIG_NAME: text.encode()})
