@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_finetune import make_text, make_tiny_model_dir
+from conftest import make_text, make_tiny_model_dir
 
 from shira_jax.app import source
 from shira_jax.app.cli import main

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
 import threading
@@ -18,65 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_text, make_tiny_model_dir
 
 from shira_jax.app import data, finetune, generate
-
-VOCAB = 320
-WORDS = {
-    "name": ["ROMEO", "JULIET", "HAMLET", "OPHELIA", "BRUTUS"],
-    "adj": ["gentle", "sweet", "noble", "foul", "fair", "wicked", "merry"],
-    "noun": ["lord", "night", "heart", "sword", "moon", "crown", "love", "grave"],
-    "verb": ["loves", "fears", "seeks", "wounds", "crowns", "mocks"],
-}
-
-
-def make_text(n_lines: int, seed: int) -> str:
-    """Play-like lines from a small grammar: learnable, so the loss falls within a few steps."""
-    rng = random.Random(seed)
-    pick = lambda kind: rng.choice(WORDS[kind])  # noqa: E731
-    lines = []
-    for _ in range(n_lines):
-        lines.append(f"{pick('name')}:")
-        lines.append(f"The {pick('adj')} {pick('noun')} {pick('verb')} the {pick('noun')}.")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def make_tiny_model_dir(root: Path, *, text: str, tie: bool = False) -> Path:
-    """A transformers Llama (2 layers, hidden 64) + a BPE tokenizer.json, saved in `root`."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    root.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB,
-        special_tokens=["<eos>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([text], trainer)
-    tok.save(str(root / "tokenizer.json"))
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-        tie_word_embeddings=tie,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-    model.save_pretrained(str(root), safe_serialization=True)
-    return root
 
 
 @pytest.fixture(scope="module")
