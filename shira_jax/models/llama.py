@@ -645,6 +645,7 @@ class LlamaModel(nnx.Module):
         attention_mask: ArrayLike | None = None,
         positions: ArrayLike | None = None,
         cache: KVCache | None = None,
+        segment_ids: ArrayLike | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """See :meth:`LlamaForCausalLM.__call__`; returns ``(hidden [B, T, hidden], cache)``."""
         input_ids = jnp.asarray(input_ids)
@@ -675,6 +676,11 @@ class LlamaModel(nnx.Module):
         s = kv_valid.shape[1]
         causal = jnp.arange(s, dtype=jnp.int32)[None, :] <= q_slots[:, None]  # [T, S]
         mask = causal[None, :, :] & kv_valid[:, None, :]  # [B, T, S]
+        if segment_ids is not None:  # packed rows: a token attends only within its example
+            if cache is not None:
+                raise ValueError("segment_ids is for packed training rows; not with a cache")
+            seg = jnp.broadcast_to(jnp.asarray(segment_ids, jnp.int32), (b, t))
+            mask = mask & (seg[:, :, None] == seg[:, None, :])
 
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.config, x.dtype)
@@ -727,6 +733,10 @@ class LlamaForCausalLM(nnx.Module):
         >>> last, cache = model(ids[:, 3:], cache=cache)
         >>> bool(jnp.allclose(last[:, 0], full[:, 3], atol=1e-5)), int(cache.index)
         (True, 4)
+        >>> packed = model(jnp.array([[5, 6, 7, 9, 10]]), positions=jnp.array([[0, 1, 2, 0, 1]]),
+        ...                segment_ids=jnp.array([[1, 1, 1, 2, 2]]))  # two examples, one row
+        >>> bool(jnp.allclose(packed[:, 3:], model(jnp.array([[9, 10]])), atol=1e-5))
+        True
     """
 
     def __init__(
@@ -770,6 +780,7 @@ class LlamaForCausalLM(nnx.Module):
         attention_mask: ArrayLike | None = None,
         positions: ArrayLike | None = None,
         cache: KVCache | None = None,
+        segment_ids: ArrayLike | None = None,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         """Runs the model.
 
@@ -783,12 +794,15 @@ class LlamaForCausalLM(nnx.Module):
             left-padded batches pass ``cumsum(attention_mask) - 1`` (``generate`` does).
           cache: a :class:`KVCache` (from :meth:`init_cache`); the ``T`` new tokens are written
             at ``cache.index`` and attend to everything cached before them.
+          segment_ids: int ``[B, T]``, for rows that pack several examples: a token attends
+            only to earlier tokens with the same id (pass ``positions`` restarting at 0 for
+            each example too). Not with a cache. Default: one sequence per row.
 
         Returns:
           ``logits`` ``[B, T, vocab]`` in the compute dtype without a cache, else
           ``(logits, updated_cache)``.
         """
-        hidden, new_cache = self.model(input_ids, attention_mask, positions, cache)
+        hidden, new_cache = self.model(input_ids, attention_mask, positions, cache, segment_ids)
         logits = self.logits(hidden)
         if cache is None:
             return logits
