@@ -6,8 +6,8 @@
   transformers and the NNX model; `torch_logits`, `rel_err` to compare them.
 * `make_text`, `make_tiny_model_dir`: a learnable text and a tiny HF model dir with a BPE
   tokenizer trained on it (the fine-tuning job's input).
-* `strict_warnings`, `strict_from_pretrained`, `strict_load_adapter`, `file_tensors`,
-  `torch_out`: PEFT-side helpers.
+* `peft_model`, `strict_warnings`, `strict_from_pretrained`, `strict_load_adapter`,
+  `file_tensors`, `torch_out`: PEFT-side helpers.
 
 torch, transformers, peft and tokenizers are imported inside the builders that need them.
 """
@@ -249,6 +249,18 @@ def make_tiny_model_dir(root: Path, *, text: str, tie: bool = False) -> Path:
 
 
 # --------------------------------------------------------------------------- PEFT side
+
+
+def peft_model(base, **kw):
+    """`peft.get_peft_model(base, peft.ShiraConfig(**kw))`; `mask_fn=` sets a custom mask
+    function (not a ShiraConfig init argument)."""
+    import peft
+
+    mask_fn = kw.pop("mask_fn", None)
+    cfg = peft.ShiraConfig(**kw)
+    if mask_fn is not None:
+        cfg.mask_fn = mask_fn
+    return peft.get_peft_model(base, cfg)
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ from conftest import (
     MLP,
     assert_unchanged,
     file_tensors,
+    peft_model,
     rel_err,
     snapshot,
     strict_from_pretrained,
@@ -99,14 +100,6 @@ def j_out(model, x: np.ndarray) -> np.ndarray:
 
 def assert_close(a, b):
     np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
-
-
-def peft_model(base, **kw):
-    mask_fn = kw.pop("mask_fn", None)
-    cfg = peft.ShiraConfig(**kw)
-    if mask_fn is not None:
-        cfg.mask_fn = mask_fn
-    return peft.get_peft_model(base, cfg)
 
 
 def file_meta(folder) -> dict:

@@ -20,6 +20,7 @@ import torch
 from conftest import (
     assert_unchanged,
     file_tensors,
+    peft_model,
     scan_blocks,
     snapshot,
     stacked_blocks,
@@ -137,10 +138,6 @@ LOGITS_SCALE_TOL = ROUNDINGS * 2.0**-23
 def assert_close(ours, theirs):
     atol = LOGITS_SCALE_TOL * float(np.abs(theirs).max())
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=atol)
-
-
-def peft_model(base, **kw):
-    return peft.get_peft_model(base, peft.ShiraConfig(**kw))
 
 
 def layer_keys(names=("down", "up")) -> list[str]:
