@@ -248,8 +248,9 @@ def _check_entries(
         _check_unique(idx, f"{source}: layer {path}")
         cast = dtype or (jnp.float32 if np.dtype(vals.dtype).itemsize >= 4 else vals.dtype)
         if not allow_nonfinite:
-            xp = _xp(vals)
-            _require_finite(xp.asarray(vals).astype(cast), f"{source}: layer {path} values")
+            with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf is the point
+                cast_vals = _xp(vals).asarray(vals).astype(cast)
+            _require_finite(cast_vals, f"{source}: layer {path} values")
 
 
 def _check_unique(indices: Any, where: str) -> None:
@@ -341,7 +342,8 @@ def _checked_module_arrays(
                     f"{tuple(variable.shape)}."
                 )
             try:  # the dtype the model's copy gets (1e300 as float32 is inf: checked after)
-                params[var_path] = got.astype(variable.get_value().dtype)
+                with np.errstate(over="ignore", invalid="ignore"):
+                    params[var_path] = got.astype(variable.get_value().dtype)
             except (TypeError, ValueError) as err:
                 raise AdapterLoadError(
                     f"{source}: {path}.{var_path}: saved dtype {got.dtype} does not convert to "
