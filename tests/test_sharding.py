@@ -421,7 +421,7 @@ def test_docstring_examples():
 
 def test_finetune_cli_mesh_matches_single_device(tmp_path):
     """`shira-jax finetune --mesh data=2,model=4` on 8 CPU devices: the same losses as no mesh."""
-    from test_finetune import make_text, make_tiny_model_dir
+    from conftest import make_text, make_tiny_model_dir
 
     text = make_text(200, seed=1)
     (tmp_path / "corpus.txt").write_text(text)
