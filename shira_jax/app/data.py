@@ -253,14 +253,17 @@ def prepare(
 class Batches:
     """Deterministic shuffled batches: batch `step` depends only on `(seed, step)`.
 
+    `rows` is an array `[N, ...]` or a dict of such arrays (the jsonl rows of
+    `shira_jax.app.sft`); a batch has the same form.
+
     Each epoch is a fresh permutation of the rows; a batch may span two epochs. Resuming at
     step `s` therefore sees exactly the batches an uninterrupted run would have seen.
     """
 
-    def __init__(self, rows: np.ndarray, batch_size: int, seed: int = 0):
+    def __init__(self, rows: Any, batch_size: int, seed: int = 0):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if len(rows) == 0:
+        if _count(rows) == 0:
             raise ValueError("no training sequences")
         self.rows = rows
         self.batch_size = batch_size
@@ -269,27 +272,36 @@ class Batches:
 
     @property
     def steps_per_epoch(self) -> int:
-        return max(1, len(self.rows) // self.batch_size)
+        return max(1, _count(self.rows) // self.batch_size)
 
     def _perm(self, epoch: int) -> np.ndarray:
         if epoch not in self._perms:
             if len(self._perms) > 4:
                 self._perms.clear()
             rng = np.random.default_rng([self.seed, epoch])
-            self._perms[epoch] = rng.permutation(len(self.rows))
+            self._perms[epoch] = rng.permutation(_count(self.rows))
         return self._perms[epoch]
 
-    def batch(self, step: int) -> np.ndarray:
-        n = len(self.rows)
+    def batch(self, step: int) -> Any:
+        n = _count(self.rows)
         start = step * self.batch_size
         picks = [self._perm(i // n)[i % n] for i in range(start, start + self.batch_size)]
-        return self.rows[np.asarray(picks)]
+        return _take(self.rows, np.asarray(picks))
 
 
-def eval_batches(rows: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    """`rows` cut into full batches (the remainder is dropped; at least one batch is kept,
-    filled by repeating rows when fewer than `batch_size` exist)."""
-    if len(rows) < batch_size:
-        rows = rows[np.arange(batch_size) % len(rows)]
-    n = len(rows) // batch_size
-    return [rows[i * batch_size : (i + 1) * batch_size] for i in range(n)]
+def _count(rows: Any) -> int:
+    """Rows in an array, or in a dict of equal-length arrays (`shira_jax.app.sft` rows)."""
+    return len(next(iter(rows.values()))) if isinstance(rows, dict) else len(rows)
+
+
+def _take(rows: Any, index: Any) -> Any:
+    return {k: v[index] for k, v in rows.items()} if isinstance(rows, dict) else rows[index]
+
+
+def eval_batches(rows: Any, batch_size: int) -> list[Any]:
+    """`rows` (an array or a dict of arrays) cut into full batches (the remainder is dropped;
+    at least one batch is kept, filled by repeating rows when fewer than `batch_size` exist)."""
+    if _count(rows) < batch_size:
+        rows = _take(rows, np.arange(batch_size) % _count(rows))
+    n = _count(rows) // batch_size
+    return [_take(rows, slice(i * batch_size, (i + 1) * batch_size)) for i in range(n)]

@@ -34,6 +34,7 @@ class TrainState:
     step: int = 0
     train_loss: list[float] = dataclasses.field(default_factory=list)
     eval_loss: list[Any] = dataclasses.field(default_factory=list)  # (step, loss) pairs
+    eval_accuracy: list[Any] = dataclasses.field(default_factory=list)  # (step, exact match)
     train_seconds: float = 0.0
     eval_before: float | None = None
     eval_after: float | None = None
@@ -50,6 +51,7 @@ class TrainState:
             step=step,
             train_loss=list(meta.get("train_loss", []))[:step],
             eval_loss=[e for e in meta.get("eval_loss", []) if e[0] <= step],
+            eval_accuracy=[e for e in meta.get("eval_accuracy", []) if e[0] <= step],
             train_seconds=float(meta.get("train_seconds", 0.0)),
             eval_before=meta.get("eval_loss_before"),
         )
@@ -61,6 +63,7 @@ class TrainState:
             "config": config,
             "train_loss": self.train_loss,
             "eval_loss": self.eval_loss,
+            "eval_accuracy": self.eval_accuracy,
             "eval_loss_before": self.eval_before,
             "train_seconds": self.train_seconds,
         }

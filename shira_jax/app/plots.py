@@ -4,7 +4,8 @@ Example:
     >>> import tempfile
     >>> from pathlib import Path
     >>> from shira_jax.app.plots import plot_losses
-    >>> metrics = {"train_loss": [3.0, 2.5, 2.2, 2.0], "eval_loss": [[0, 3.1], [4, 2.1]]}
+    >>> metrics = {"train_loss": [3.0, 2.5, 2.2, 2.0], "eval_loss": [[0, 3.1], [4, 2.1]],
+    ...            "eval_accuracy": [[0, 0.25], [4, 0.75]]}
     >>> path = Path(tempfile.mkdtemp()) / "loss.png"
     >>> plot_losses(metrics, path), path.read_bytes()[:4]
     (True, b'\\x89PNG')
@@ -21,7 +22,8 @@ from shira_jax import atomic
 
 
 def plot_losses(metrics: dict[str, Any], path: Path) -> bool:
-    """Save the loss curve (train per step, its moving average, eval points) as a PNG.
+    """Save the loss curve (train per step, its moving average, eval points, and the eval
+    exact-match accuracy of `--eval-generate` when present) as a PNG.
 
     Uses matplotlib's object API with the Agg canvas (no pyplot, no global backend change).
     Returns False (and writes nothing) when matplotlib is not installed.
@@ -46,6 +48,14 @@ def plot_losses(metrics: dict[str, Any], path: Path) -> bool:
     if evals:
         xs, ys = zip(*evals)
         ax.plot(xs, ys, "o-", color="tab:red", lw=1.5, label="eval (held-out text)")
+    accuracy = metrics.get("eval_accuracy") or []
+    if accuracy:  # --eval-generate: exact match on a second axis
+        acc_ax = ax.twinx()
+        xs, ys = zip(*accuracy)
+        acc_ax.plot(xs, [100 * y for y in ys], "s--", color="tab:green", label="exact match (%)")
+        acc_ax.set_ylabel("eval exact match (%)", color="tab:green")
+        acc_ax.set_ylim(0, 100)
+        acc_ax.legend(loc="center right")
     ax.set_xlabel("training step")
     ax.set_ylabel("cross-entropy loss (nats / token)")
     cfg = metrics.get("config", {})

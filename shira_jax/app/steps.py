@@ -33,6 +33,39 @@ def lm_loss(model: Callable[[jax.Array], jax.Array], batch: jax.Array) -> jax.Ar
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
 
 
+def token_losses(model: Callable[..., jax.Array], batch: Any) -> tuple[jax.Array, jax.Array]:
+    """Per-target cross-entropy `[B, T]` (float32) and its weights `[B, T]`.
+
+    `batch` is a token array `[B, T + 1]` (every target counts) or a row dict of
+    `shira_jax.app.sft` (`tokens`, `weights`, `segment_ids`, `positions`): the model then
+    sees the segment ids and positions, and only weighted targets count.
+    """
+    if isinstance(batch, dict):
+        tokens = jnp.asarray(batch["tokens"])
+        logits = model(
+            tokens[:, :-1], positions=batch["positions"], segment_ids=batch["segment_ids"]
+        )
+        weights = jnp.asarray(batch["weights"], jnp.float32)
+    else:
+        tokens = jnp.asarray(batch)
+        logits = model(tokens[:, :-1])
+        weights = jnp.ones(tokens[:, 1:].shape, jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens[:, 1:])
+    return ce * weights, weights
+
+
+def token_sums(model: Callable[..., jax.Array], batch: Any) -> tuple[jax.Array, jax.Array]:
+    """(sum of the counted targets' cross-entropy, how many targets count)."""
+    losses, weights = token_losses(model, batch)
+    return losses.sum(), weights.sum()
+
+
+def masked_loss(model: Callable[..., jax.Array], batch: Any) -> jax.Array:
+    """Mean cross-entropy over the counted targets (`lm_loss` for a plain token array)."""
+    total, count = token_sums(model, batch)
+    return total / jnp.maximum(count, 1.0)
+
+
 def lr_schedule(lr: float, steps: int, warmup: int) -> optax.Schedule:
     """Linear warmup from 0 to `lr` over `warmup` steps, cosine decay to `lr / 10` at `steps`."""
     steps = max(int(steps), 1)
@@ -80,6 +113,40 @@ def make_train_step(loss_fn: Callable[[Any, Any], jax.Array] = lm_loss) -> Calla
 
 
 @functools.lru_cache(maxsize=16)
+def make_accum_step(grad_accum: int) -> Callable:
+    """A jitted `step(model, optimizer, batch) -> loss` over `grad_accum` micro-batches.
+
+    The batch (`[grad_accum * m, ...]`, array or row dict) is split into `grad_accum`
+    micro-batches of `m` rows, run one after another (`lax.scan`); the gradients of the
+    summed token losses are added up and divided by the total count of trained targets once,
+    so the update equals that of the whole batch in one step (up to float summation order).
+    """
+
+    def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Any) -> jax.Array:
+        graphdef, params, rest = nnx.split(model, sj.ShiraParam, ...)
+        micro = jax.tree.map(
+            lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch
+        )
+
+        def sums(p: Any, mb: Any) -> tuple[jax.Array, jax.Array]:
+            return token_sums(nnx.merge(graphdef, p, rest), mb)
+
+        def body(carry: Any, mb: Any) -> tuple[Any, None]:
+            grads, total, count = carry
+            (s, n), g = jax.value_and_grad(sums, has_aux=True)(params, mb)
+            return (jax.tree.map(jnp.add, grads, g), total + s, count + n), None
+
+        zero = jnp.zeros((), jnp.float32)
+        init = (jax.tree.map(jnp.zeros_like, params), zero, zero)
+        (grads, total, count), _ = jax.lax.scan(body, init, micro)
+        count = jnp.maximum(count, 1.0)
+        optimizer.update(model, jax.tree.map(lambda g: g / count, grads))
+        return total / count
+
+    return nnx.jit(train_step, donate_argnums=(0, 1))
+
+
+@functools.lru_cache(maxsize=16)
 def _jitted(fn: Callable) -> Callable:
     return nnx.jit(fn)
 
@@ -91,5 +158,17 @@ def make_eval_fn(loss_fn: Callable[[Any, Any], jax.Array] = lm_loss) -> Callable
     def evaluate(model: nnx.Module, batches: Sequence[np.ndarray]) -> float:
         losses = [jitted(model, jnp.asarray(b)) for b in batches]
         return float(np.mean([float(x) for x in losses]))
+
+    return evaluate
+
+
+def make_sums_eval_fn() -> Callable:
+    """A jitted `evaluate(model, batches) -> loss`: counted-target mean over all batches."""
+    jitted = _jitted(token_sums)
+
+    def evaluate(model: nnx.Module, batches: Sequence[Any]) -> float:
+        sums = [jitted(model, b) for b in batches]
+        count = sum(float(n) for _, n in sums)
+        return sum(float(s) for s, _ in sums) / max(count, 1.0)
 
     return evaluate
