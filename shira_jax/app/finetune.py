@@ -10,11 +10,16 @@
     export    the checkpoint; unless interrupted, the eval after training and the adapter
               (orbax, PEFT); then `report` writes the metrics and the plot:
 
-    OUT/metrics.json     train_loss per step, eval losses, tokens/s, the config
+    OUT/metrics.json     train_loss per step, eval losses (and exact-match accuracy with
+                         --eval-generate), tokens/s, the config
     OUT/loss.png         the loss curve
     OUT/orbax/           the adapter (`shira_jax.load_adapter`)
     OUT/peft/            the adapter as a PEFT SHiRA folder (`PeftModel.from_pretrained`)
     OUT/checkpoint/      adapter + optimizer state + step, for `--resume`
+
+`--data` may also be a `.jsonl` file or folder of prompt/completion or chat records
+(`shira_jax.app.sft`): the loss then counts completion / assistant tokens, examples are
+packed into rows with segment ids, and `--eval-generate` scores greedy answers.
 
 With `--mesh data=2,model=4` (any axes, see `shira_jax.sharding`) the model, adapter,
 optimizer state and batches are placed on a device mesh and the steps run under it;
@@ -46,8 +51,8 @@ from flax import nnx
 
 import shira_jax as sj
 from shira_jax import atomic, sharding
+from shira_jax.app import answers, sft, source
 from shira_jax.app import data as data_lib
-from shira_jax.app import source
 from shira_jax.app.checkpoints import (
     CHECKPOINT_DIR,
     check_resume,
@@ -64,7 +69,15 @@ from shira_jax.app.options import (
     validate,
 )
 from shira_jax.app.plots import plot_losses
-from shira_jax.app.steps import lm_loss, make_eval_fn, make_optimizer, make_train_step
+from shira_jax.app.steps import (
+    lm_loss,
+    make_accum_step,
+    make_eval_fn,
+    make_optimizer,
+    make_sums_eval_fn,
+    make_train_step,
+    masked_loss,
+)
 from shira_jax.config import ShiraConfig
 
 __all__ = ["FinetuneConfig", "FinetuneError", "FinetuneResult", "run"]
@@ -107,6 +120,9 @@ class Placement:
         """A batch as the step takes it: unchanged, or split over the mesh's batch axes."""
         if self.mesh is None:
             return batch
+        return jax.tree.map(self._place_array, batch)  # an array or a jsonl row dict
+
+    def _place_array(self, batch: np.ndarray) -> Any:
         if jax.process_count() > 1:  # each process passes its share of the global batch
             n = len(batch) // jax.process_count()
             batch = batch[jax.process_index() * n : (jax.process_index() + 1) * n]
@@ -129,7 +145,8 @@ class Job:
     model_path: Path
     shira_cfg: ShiraConfig
     model: nnx.Module
-    text: data_lib.TextData
+    text: data_lib.TextData | sft.SFTData
+    tokenizer: data_lib.Tokenizer
     batches: data_lib.Batches
     eval_set: list[Any]
     placement: Placement
@@ -139,6 +156,14 @@ class Job:
     @property
     def ckpt_dir(self) -> Path:
         return self.out / CHECKPOINT_DIR
+
+    @property
+    def is_sft(self) -> bool:
+        return isinstance(self.text, sft.SFTData)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum * self.cfg.seq_len
 
     @property
     def is_main(self) -> bool:
@@ -156,11 +181,16 @@ class Trainer:
     eval_set: list[Any]
     trainable: int
     total: int
+    accuracy_fn: Callable[[nnx.Module], float] | None = None
 
     def step(self, batch: Any) -> float:
         return float(self.step_fn(self.model, self.optimizer, batch))
 
-    def evaluate(self) -> float:
+    def evaluate(self, state: TrainState | None = None) -> float:
+        """The eval loss; with --eval-generate also the accuracy, appended to `state`."""
+        if self.accuracy_fn is not None and state is not None:
+            if not state.eval_accuracy or state.eval_accuracy[-1][0] != state.step:
+                state.eval_accuracy.append((state.step, self.accuracy_fn(self.model)))
         return self.eval_fn(self.model, self.eval_set)
 
 
@@ -210,6 +240,7 @@ def prepare(cfg: FinetuneConfig, log: Log, timings: Timings) -> Job:
         if abstract is not None:  # targets and r against the shapes alone
             source.check_adapter_fits(abstract, shira_cfg)
         tokenizer = source.load_model_tokenizer(model_path)
+        sft_data = _sft_data(cfg, model_path, tokenizer, log)  # bad jsonl fails here
     with timings.measure("load_model"):  # the long work starts here
         log(f"model   {cfg.model} ({model_path}), {cfg.dtype}")
         model = source.load_model(model_path, cfg.dtype)
@@ -217,15 +248,18 @@ def prepare(cfg: FinetuneConfig, log: Log, timings: Timings) -> Job:
         source.keep_float32(model, targets)
         placement = _placement(cfg, model, log)
     with timings.measure("tokenize"):
-        text = _tokenize(cfg, tokenizer, vocab=int(model.config.vocab_size))
-        batches = data_lib.Batches(text.train, cfg.batch_size, seed=cfg.seed)
+        vocab = int(model.config.vocab_size)
+        text = _tokenize(cfg, tokenizer) if sft_data is None else sft_data
+        _check_vocab(text.train, text.eval, vocab)
+        batches = data_lib.Batches(text.train, cfg.batch_size * cfg.grad_accum, seed=cfg.seed)
         eval_set = data_lib.eval_batches(text.eval, cfg.batch_size)
     eval_set = [placement.place(b) for b in eval_set]
-    log(
-        f"data    {cfg.data}: {text.n_documents} documents, {text.n_tokens:,} tokens -> "
-        f"{len(text.train):,} train / {len(eval_set) * cfg.batch_size} eval sequences of "
-        f"{cfg.seq_len} tokens"
-    )
+    if sft_data is None:
+        log(
+            f"data    {cfg.data}: {text.n_documents} documents, {text.n_tokens:,} tokens -> "
+            f"{len(text.train):,} train / {len(eval_set) * cfg.batch_size} eval sequences of "
+            f"{cfg.seq_len} tokens"
+        )
     return Job(
         cfg=cfg,
         out=out,
@@ -233,6 +267,7 @@ def prepare(cfg: FinetuneConfig, log: Log, timings: Timings) -> Job:
         shira_cfg=shira_cfg,
         model=model,
         text=text,
+        tokenizer=tokenizer,
         batches=batches,
         eval_set=eval_set,
         placement=placement,
@@ -256,8 +291,8 @@ def _placement(cfg: FinetuneConfig, model: nnx.Module, log: Log) -> Placement:
     return Placement(mesh, batch_axes)
 
 
-def _tokenize(cfg: FinetuneConfig, tokenizer: data_lib.Tokenizer, vocab: int) -> Any:
-    """`--data` tokenized and packed; every id must be in the model's vocabulary."""
+def _tokenize(cfg: FinetuneConfig, tokenizer: data_lib.Tokenizer) -> Any:
+    """Text `--data` tokenized and packed."""
     try:
         text = data_lib.prepare(
             cfg.data,
@@ -268,12 +303,51 @@ def _tokenize(cfg: FinetuneConfig, tokenizer: data_lib.Tokenizer, vocab: int) ->
         )
     except (FileNotFoundError, ValueError) as err:
         raise FinetuneError(str(err)) from err
-    top = max(int(text.train.max()), int(text.eval.max()))
+    return text
+
+
+def _check_vocab(train: Any, held: Any, vocab: int) -> None:
+    """Every token id (of text rows or jsonl row dicts) must be in the model's vocabulary."""
+    tokens = lambda rows: rows["tokens"] if isinstance(rows, dict) else rows  # noqa: E731
+    top = max(int(tokens(train).max()), int(tokens(held).max()))
     if top >= vocab:
         raise FinetuneError(
             f"the tokenizer produced id {top} but the model's vocabulary has {vocab} entries"
         )
-    return text
+
+
+def _sft_data(
+    cfg: FinetuneConfig, model_path: Path, tokenizer: data_lib.Tokenizer, log: Log
+) -> sft.SFTData | None:
+    """jsonl `--data` checked, templated, tokenized and laid out as rows; None for text."""
+    if not sft.is_jsonl(cfg.data):
+        return None
+    try:
+        data = sft.prepare(
+            cfg.data,
+            tokenizer,
+            sft.load_chat_template(model_path),
+            seq_len=cfg.seq_len,
+            eval_source=cfg.eval_data,
+            eval_fraction=cfg.eval_fraction,
+            max_eval=cfg.eval_batches * cfg.batch_size,
+            rows=cfg.rows,
+            too_long=cfg.too_long,
+            train_on_prompt=cfg.train_on_prompt,
+        )
+    except (FileNotFoundError, ValueError) as err:
+        raise FinetuneError(str(err)) from err
+    counts = {k: v for k, v in data.counts.items() if v}
+    if counts:
+        shown = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items())
+        log(f"data    over --seq-len {cfg.seq_len} or nothing to train on: {shown}")
+    log(
+        f"data    {cfg.data}: {data.n_examples} train examples ({data.n_tokens:,} tokens, "
+        f"{data.template} template) -> {len(data.train['tokens']):,} {cfg.rows} rows of "
+        f"{cfg.seq_len} tokens ({100 * data.fill:.0f}% filled); {data.n_eval_examples} eval "
+        "examples"
+    )
+    return data
 
 
 # ----------------------------------------------------------------------------- resume
@@ -300,14 +374,16 @@ def _add_adapter(job: Job, log: Log, *, progress: bool) -> None:
     """`apply_shira`; the gradient / snip masks score the first `--calib-batches` batches."""
     cfg, calibration = job.cfg, None
     if job.shira_cfg.needs_calibration:
-        calibration = [jnp.asarray(job.batches.batch(i)) for i in range(cfg.calib_batches)]
+        calibration = [
+            jax.tree.map(jnp.asarray, job.batches.batch(i)) for i in range(cfg.calib_batches)
+        ]
         log(f"mask    {cfg.mask}: calibrating on {len(calibration)} training batches")
         calibration = with_progress(calibration, "calibration", enabled=progress)
     sj.apply_shira(
         job.model,
         job.shira_cfg,
         cfg.adapter_name,
-        loss_fn=lm_loss if calibration is not None else None,
+        loss_fn=None if calibration is None else masked_loss if job.is_sft else lm_loss,
         calibration_data=calibration,
     )
 
@@ -326,12 +402,6 @@ def start_training(job: Job, state: TrainState, log: Log) -> Trainer:
         f"({targets_text(job.shira_cfg.target_modules)}): {trainable:,} trainable of "
         f"{total:,} params ({100 * trainable / total:.3f}%)"
     )
-    eval_fn = make_eval_fn()
-    with job.timings.measure("eval_before"):
-        if state.eval_before is None:
-            state.eval_before = eval_fn(model, job.eval_set)
-            state.eval_loss.append((0, state.eval_before))
-    log(f"eval    before training: loss {state.eval_before:.4f}")
     tx = make_optimizer(
         cfg.lr, cfg.steps, cfg.warmup, weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm
     )
@@ -339,8 +409,26 @@ def start_training(job: Job, state: TrainState, log: Log) -> Trainer:
     if job.resume_meta is not None:
         restore_optimizer(job.ckpt_dir, optimizer, job.resume_meta)
     job.placement.shard(optimizer)
-    step_fn = make_train_step()
-    return Trainer(model, optimizer, step_fn, eval_fn, job.eval_set, trainable, total)
+    plain = not job.is_sft and cfg.grad_accum == 1  # the text path as it always was
+    step_fn = make_train_step() if plain else make_accum_step(cfg.grad_accum)
+    eval_fn = make_eval_fn() if not job.is_sft else make_sums_eval_fn()
+    trainer = Trainer(model, optimizer, step_fn, eval_fn, job.eval_set, trainable, total)
+    if cfg.eval_generate:
+        pairs = job.text.eval_pairs
+        trainer.accuracy_fn = lambda m: answers.accuracy(m, job.tokenizer, pairs)
+    with job.timings.measure("eval_before"):
+        if state.eval_before is None:
+            state.eval_before = trainer.evaluate(state)
+            state.eval_loss.append((0, state.eval_before))
+    log(f"eval    before training: loss {state.eval_before:.4f}{_accuracy_text(state)}")
+    return trainer
+
+
+def _accuracy_text(state: TrainState, index: int = -1) -> str:
+    """", exact match 42.0%" for the latest (or `index`-th) --eval-generate score, else ""."""
+    if not state.eval_accuracy:
+        return ""
+    return f", exact match {100 * state.eval_accuracy[index][1]:.1f}%"
 
 
 def train(
@@ -354,7 +442,7 @@ def train(
 ) -> None:
     """Train up to `--steps`; hooks log, evaluate, checkpoint and stop on Ctrl-C/`on_step`."""
     cfg = job.cfg
-    rate = lambda: state.tokens_per_s(cfg.batch_size * cfg.seq_len) or 0.0
+    rate = lambda: state.tokens_per_s(job.tokens_per_step) or 0.0
     bar = ProgressBar(cfg.steps, state.step, enabled=progress, log=log, rate=rate)
     with bar, CtrlC() as ctrl_c:
 
@@ -366,8 +454,9 @@ def train(
             bar.write(f"step {step:5d}/{cfg.steps}  loss {loss:.4f}  {rate():,.0f} tok/s")
 
         def evaluate(step: int, _: float) -> None:
-            state.eval_loss.append((step, trainer.evaluate()))
-            bar.write(f"step {step:5d}/{cfg.steps}  eval loss {state.eval_loss[-1][1]:.4f}")
+            state.eval_loss.append((step, trainer.evaluate(state)))
+            shown = f"{state.eval_loss[-1][1]:.4f}{_accuracy_text(state)}"
+            bar.write(f"step {step:5d}/{cfg.steps}  eval loss {shown}")
 
         def checkpoint(step: int, _: float) -> None:
             _save_checkpoint(job, trainer, state)
@@ -411,12 +500,13 @@ def export(job: Job, trainer: Trainer, state: TrainState, log: Log) -> dict[str,
         paths["checkpoint"] = job.ckpt_dir
         if state.interrupted:
             return paths
-        state.eval_after = trainer.evaluate()
+        state.eval_after = trainer.evaluate(state)
         if not state.eval_loss or state.eval_loss[-1][0] != state.step:
             state.eval_loss.append((state.step, state.eval_after))
         log(
-            f"eval    after {state.step} steps: loss {state.eval_after:.4f} "
-            f"(before: {state.eval_before:.4f})"
+            f"eval    after {state.step} steps: loss {state.eval_after:.4f}"
+            f"{_accuracy_text(state)} (before: {state.eval_before:.4f}"
+            f"{_accuracy_text(state, 0)})"
         )
         sj.save_adapter(model, (out / "orbax").absolute(), adapter_name=cfg.adapter_name)
         paths["orbax"] = out / "orbax"
@@ -454,7 +544,7 @@ def report(
 
 
 def _metrics(job: Job, trainer: Trainer, state: TrainState) -> dict[str, Any]:
-    cfg, text = job.cfg, job.text
+    cfg = job.cfg
     metrics = {
         "config": cfg.to_dict(),
         "model_path": str(job.model_path),
@@ -464,23 +554,45 @@ def _metrics(job: Job, trainer: Trainer, state: TrainState) -> dict[str, Any]:
         "eval_loss_before": state.eval_before,
         "eval_loss_after": state.eval_after,
         "eval_loss": [list(e) for e in state.eval_loss],
-        "tokens_per_s": state.tokens_per_s(cfg.batch_size * cfg.seq_len),
-        "tokens_per_step": cfg.batch_size * cfg.seq_len,
+        "tokens_per_s": state.tokens_per_s(job.tokens_per_step),
+        "tokens_per_step": job.tokens_per_step,
         "trainable_params": trainer.trainable,
         "total_params": trainer.total,
-        "data": {
-            "documents": text.n_documents,
-            "tokens": text.n_tokens,
-            "train_sequences": int(len(text.train)),
-            "eval_sequences": int(len(job.eval_set) * cfg.batch_size),
-        },
+        "data": _data_metrics(job),
         "seconds": {k: round(v, 2) for k, v in job.timings.items()},
         "backend": jax.default_backend(),
     }
+    if state.eval_accuracy:
+        metrics["eval_accuracy"] = [list(e) for e in state.eval_accuracy]
+        metrics["eval_accuracy_before"] = state.eval_accuracy[0][1]
+        done = state.eval_accuracy[-1][0] == state.step and not state.interrupted
+        metrics["eval_accuracy_after"] = state.eval_accuracy[-1][1] if done else None
     if job.placement.mesh is not None:
         metrics["mesh"] = dict(job.placement.mesh.shape)
         metrics["processes"] = jax.process_count()
     return metrics
+
+
+def _data_metrics(job: Job) -> dict[str, Any]:
+    cfg, text = job.cfg, job.text
+    if isinstance(text, sft.SFTData):
+        return {
+            "examples": text.n_examples,
+            "eval_examples": text.n_eval_examples,
+            "tokens": text.n_tokens,
+            "template": text.template,
+            "rows": cfg.rows,
+            "train_rows": int(len(text.train["tokens"])),
+            "row_fill": round(text.fill, 4),
+            "eval_rows": int(len(job.eval_set) * cfg.batch_size),
+            **text.counts,
+        }
+    return {
+        "documents": text.n_documents,
+        "tokens": text.n_tokens,
+        "train_sequences": int(len(text.train)),
+        "eval_sequences": int(len(job.eval_set) * cfg.batch_size),
+    }
 
 
 def _log_paths(paths: dict[str, Path], log: Log) -> None:

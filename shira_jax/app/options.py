@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from shira_jax import sharding
 from shira_jax.app import data as data_lib
+from shira_jax.app import sft
 from shira_jax.app.flags import option
 from shira_jax.config import ALL_LINEAR, MASK_TYPES, ShiraConfig
 
@@ -82,6 +83,32 @@ class FinetuneConfig:
     ckpt_every: int = option(0, "checkpoint every N steps (0: at the end and on Ctrl-C only)")
     calib_batches: int = option(4, "training batches used to score the gradient / snip masks")
     log_every: int = option(0, "print the loss every N steps (0: ten times per run)")
+    grad_accum: int = option(
+        1, "micro-batches of --batch-size per optimizer step (the update of an N-times batch)"
+    )
+    # jsonl data (shira_jax.app.sft): prompt/completion or chat messages
+    eval_data: str | None = option(
+        None,
+        "held-out .jsonl file or folder for eval loss and --eval-generate (default: a slice "
+        "of --data)",
+        metavar="FILE",
+    )
+    eval_generate: bool = option(
+        False, "jsonl: exact-match accuracy of greedy answers on the eval examples"
+    )
+    train_on_prompt: bool = option(
+        False, "jsonl: count the loss on every token (default: completion/assistant tokens)"
+    )
+    rows: str = option(
+        "packed",
+        "jsonl: several examples per row (attention kept within each) or one per row, padded",
+        choices=sft.ROW_LAYOUTS,
+    )
+    too_long: str = option(
+        "error",
+        "jsonl: an example over --seq-len + 1 tokens after templating fails, is cut or skipped",
+        choices=sft.TOO_LONG,
+    )
     adapter_name: str = "default"
     export_peft: bool = option(True, "skip the PEFT export", flag="--no-peft")
     mesh: str | None = option(
@@ -148,6 +175,7 @@ def _check_numbers(cfg: FinetuneConfig) -> None:
         "--seq-len": cfg.seq_len,
         "--r": cfg.r,
         "--eval-batches": cfg.eval_batches,
+        "--grad-accum": cfg.grad_accum,
     }
     for flag, value in positive.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -177,10 +205,7 @@ def validate(cfg: FinetuneConfig) -> None:
     out = Path(cfg.out).expanduser()
     if out.exists() and not out.is_dir():
         raise FinetuneError(f"--out {cfg.out} exists and is not a folder")
-    try:
-        data_lib.text_files(cfg.data)
-    except (FileNotFoundError, ValueError) as err:
-        raise FinetuneError(str(err)) from err
+    _check_data(cfg)
     shira_config(cfg, None)  # mask / r / targets syntax
     if cfg.distributed and not cfg.mesh:
         raise FinetuneError("--distributed needs --mesh (e.g. --mesh data=-1)")
@@ -190,6 +215,28 @@ def validate(cfg: FinetuneConfig) -> None:
         except ValueError as err:
             raise FinetuneError(f"--mesh: {err}") from None
         check_batch_split(cfg.batch_size, sizes)
+
+
+def _check_data(cfg: FinetuneConfig) -> None:
+    """--data names text or jsonl files; the jsonl-only flags come with jsonl data."""
+    jsonl_only = {
+        "--eval-data": cfg.eval_data,
+        "--eval-generate": cfg.eval_generate,
+        "--train-on-prompt": cfg.train_on_prompt,
+    }
+    try:
+        if not sft.is_jsonl(cfg.data):
+            data_lib.text_files(cfg.data)
+            for flag in (flag for flag, given in jsonl_only.items() if given):
+                raise FinetuneError(f"{flag} needs .jsonl --data (got {cfg.data!r})")
+            return
+        sft.jsonl_files(cfg.data)
+        if cfg.eval_data is not None:
+            sft.jsonl_files(cfg.eval_data)
+    except (FileNotFoundError, ValueError) as err:
+        raise FinetuneError(str(err)) from err
+    if cfg.rows not in sft.ROW_LAYOUTS or cfg.too_long not in sft.TOO_LONG:
+        raise FinetuneError(f"--rows {cfg.rows!r} / --too-long {cfg.too_long!r}: unknown")
 
 
 def check_batch_split(batch_size: int, sizes: dict[str, int]) -> None:
