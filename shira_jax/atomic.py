@@ -132,6 +132,13 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:
     write_bytes(path, (json.dumps(obj, indent=indent) + "\n").encode())
 
 
+def _write_journal(path: Path, obj: Any) -> None:
+    """Write a journal atomically through the fixed temporary name `<journal>.tmp`."""
+    tmp = path.with_name(path.name + ".tmp")
+    _write_new(tmp, json.dumps(obj).encode())
+    os.replace(tmp, path)
+
+
 def _write_new(path: Path, data: bytes) -> None:
     """Create `path` afresh (whatever was there is removed, a symlink never followed)."""
     _remove(path)
@@ -177,7 +184,7 @@ def write_files(folder: str | os.PathLike, files: Mapping[str, bytes]) -> None:
             _remove(folder / _new_name(name))
         raise
     with _locked(folder):
-        write_json(folder / FILES_JOURNAL, {"files": names})  # the commit point
+        _write_journal(folder / FILES_JOURNAL, {"files": names})  # the commit point
         _roll_files_forward(folder, names)
 
 
@@ -225,6 +232,7 @@ def recover_files(
                 rolled = True
             _remove(journal)
         if clean:
+            _remove(folder / (FILES_JOURNAL + ".tmp"))
             for name in [*names, FILES_JOURNAL]:
                 _remove(folder / _new_name(name))
                 for leftover in folder.glob(f".{glob_escape(name)}.tmp-*"):
@@ -281,7 +289,7 @@ def replace_dir(new: str | os.PathLike, target: str | os.PathLike) -> None:
     if new.parent.resolve() != target.parent.resolve():
         raise ValueError(f"replace_dir: {new} must be in the folder of {target}.")
     with _locked(target.parent):
-        write_json(sibling(target, "swap"), {"new": new.name})  # the commit point
+        _write_journal(sibling(target, "swap"), {"new": new.name})  # the commit point
         _swap(new, target)
     _remove(sibling(target, "old"))
 
@@ -312,6 +320,7 @@ def recover_dir(target: str | os.PathLike, *, clean: bool = False) -> None:
         if clean:
             _remove(old)
             _remove(sibling(target, "tmp"))
+            _remove(journal.with_name(journal.name + ".tmp"))
             for leftover in parent.glob(f".{glob_escape(target.name)}.*"):
                 if _LEGACY.fullmatch(leftover.name[len(target.name) + 1 :]):
                     _remove(leftover)
