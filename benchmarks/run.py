@@ -3,7 +3,10 @@
 Usage:
     python -m benchmarks.run                      # everything, writes BENCHMARKS.md
     python -m benchmarks.run --quick --out x.md   # tiny sizes, one round (the test suite)
-    python -m benchmarks.run --only switching,mask_generation
+    python -m benchmarks.run --only switching,mask_generation   # reruns those sections only
+
+With `--only`, the sections (and goal rows) of the benchmarks not rerun are kept from the
+existing BENCHMARKS.md, so one section can be refreshed without running everything.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import argparse
 import datetime
 import importlib
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -127,18 +131,19 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     info = machine_info()
-    sections = []
+    kept = _kept(out, names) if out is not None and out.exists() and args.only else {}
+    sections = {}
     for name in names:
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
         module = importlib.import_module(f"benchmarks.{name}")
         section = module.run(quick=args.quick)
-        sections.append(section)
+        sections[name] = section
         print(section.markdown(), flush=True)
     total = time.perf_counter() - t0
     command = "make bench  (= .venv/bin/python -m benchmarks.run" + (
         " " + " ".join(argv if argv is not None else sys.argv[1:]) if (
             argv if argv is not None else sys.argv[1:]) else "") + ")"
-    text = render(sections, info, total, command)
+    text = render(sections, info, total, command, kept)
     if out is not None:
         tmp = out.with_suffix(out.suffix + ".tmp")
         tmp.write_text(text)
@@ -147,18 +152,57 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def render(sections: list, info: dict[str, str], total: float, command: str) -> str:
-    goals = [f for s in sections for f in s.figures if f.goal is not None]
+def _kept(path: Path, rerun: list[str]) -> dict[str, tuple[str, list[str]]]:
+    """`{module: (its markdown section, its goal rows)}` of the benchmarks NOT in `rerun`,
+    read back from an existing BENCHMARKS.md."""
+    text = path.read_text()
+    goal_rows = [
+        line for line in text.split("## Goals", 1)[-1].split("\n## ", 1)[0].splitlines()
+        if line.startswith("| ") and not line.startswith(("| goal |", "| --- "))
+    ]
+    out = {}
+    for block in text.split("\n## ")[1:]:
+        found = re.search(r"benchmarks\.run --only (\w+)", block)
+        if found is None or found.group(1) in rerun or found.group(1) not in MODULES:
+            continue
+        names = [
+            row.split(" | ")[0][2:]
+            for row in block.splitlines()
+            if row.startswith("| ") and not row.startswith(("| figure ", "| --- "))
+        ]
+        rows = [g for g in goal_rows if any(g[2:].startswith(n + " ") for n in names)]
+        out[found.group(1)] = ("## " + block.rstrip() + "\n", rows)
+    return out
+
+
+def render(
+    sections: dict, info: dict[str, str], total: float, command: str, kept: dict | None = None
+) -> str:
+    kept = kept or {}
     lines = [INTRO, f"Command: `{command}`; total runtime {total / 60:.1f} min; written "
              f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}.", "", "Machine:", ""]
     lines += [f"- {k}: {v}" for k, v in info.items()]
     lines += ["", "## Goals", "",
               "| goal | measured | result |", "| --- | --- | --- |"]
-    for f in goals:
-        lines.append(f"| {f.name} {f.goal} | {f.value:.3g}x | {'met' if f.met else 'MISSED'} |")
-    met = sum(bool(f.met) for f in goals)
-    lines += ["", f"{met} of {len(goals)} goals met.", ""]
-    lines += [s.markdown() for s in sections]
+    rows = {name: [] for name in MODULES}
+    for name, section in sections.items():
+        rows[name] = [
+            f"| {f.name} {f.goal} | {f.value:.3g}x | {'met' if f.met else 'MISSED'} |"
+            for f in section.figures if f.goal is not None
+        ]
+    for name, (_, old_rows) in kept.items():
+        rows[name] = old_rows
+    all_rows = [row for name in MODULES for row in rows[name]]
+    lines += all_rows
+    met = sum(row.rstrip().endswith("| met |") for row in all_rows)
+    if kept:
+        lines += ["", f"Sections {sorted(kept)} are kept from the previous run (not rerun now)."]
+    lines += ["", f"{met} of {len(all_rows)} goals met.", ""]
+    for name in MODULES:
+        if name in sections:
+            lines.append(sections[name].markdown())
+        elif name in kept:
+            lines.append(kept[name][0])
     lines.append(ANALYSIS)
     return "\n".join(lines)
 
