@@ -20,11 +20,11 @@ Example:
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
-import numpy as np
+import jax
 from flax import nnx
 
 import shira_jax as sj
@@ -53,15 +53,26 @@ def save_train_checkpoint(
 ) -> None:
     """Write adapter (`save_adapter`), optimizer state (orbax) and `state.json`, atomically.
 
-    The checkpoint is built next to `directory` and renamed into place; the previous one is
-    removed only once the new one is whole.
+    Every process calls it. The checkpoint is assembled in the fixed sibling
+    `atomic.sibling(directory, "tmp")` (the same name on every process): process 0 prepares
+    it, every process writes its own shards of the adapter and optimizer arrays into it, and
+    process 0 writes `state.json` and swaps it in (`atomic.replace_dir`); the previous
+    checkpoint is removed only once the new one is whole.
     """
     import orbax.checkpoint as ocp
 
     _, flat = _flat_optimizer(optimizer)
-    with atomic.staging_dir(Path(directory).absolute()) as tmp:
+    target = Path(directory).absolute()
+    tmp = atomic.sibling(target, "tmp")
+    lead = jax.process_index() == 0
+    if lead:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic.recover_dir(target, clean=True)  # finish or undo a killed save, drop leftovers
+        tmp.mkdir()
+    _sync("shira_train_checkpoint:start")
+    try:
         sj.save_adapter(model, tmp / "adapter", adapter_name=adapter_name)
-        tree = {f"{i:05d}": np.asarray(v[...]) for i, (_, v) in enumerate(flat)}
+        tree = {f"{i:05d}": v[...] for i, (_, v) in enumerate(flat)}  # sharded: not gathered
         ocp.PyTreeCheckpointer().save(tmp / "optimizer", tree)
         meta = {
             "format": CHECKPOINT_FORMAT,
@@ -69,7 +80,24 @@ def save_train_checkpoint(
             "optimizer_paths": [path for path, _ in flat],
             **state,
         }
-        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+        if lead:
+            atomic.write_json(tmp / "state.json", meta, indent=1)
+        _sync("shira_train_checkpoint:written")
+    except BaseException:
+        if lead:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if lead:
+        atomic.replace_dir(tmp, target)
+    _sync("shira_train_checkpoint:done")
+
+
+def _sync(name: str) -> None:
+    """A barrier across processes (nothing with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def read_train_state(directory: str | Path) -> dict[str, Any]:
@@ -84,21 +112,32 @@ def read_train_state(directory: str | Path) -> dict[str, Any]:
 
 
 def restore_optimizer(directory: Path, optimizer: nnx.Optimizer, meta: dict[str, Any]) -> None:
-    """Load the optimizer state saved by `save_train_checkpoint` into `optimizer`."""
+    """Load the optimizer state saved by `save_train_checkpoint` into `optimizer`, each
+    array straight onto the sharding its variable has now (any mesh, any process count)."""
     import orbax.checkpoint as ocp
 
-    tree = ocp.PyTreeCheckpointer().restore(Path(directory).absolute() / "optimizer")
+    path = Path(directory).absolute() / "optimizer"
     state, flat = _flat_optimizer(optimizer)
-    if [path for path, _ in flat] != meta["optimizer_paths"]:
+    if [p for p, _ in flat] != meta["optimizer_paths"]:
         raise FinetuneError(
             f"--resume: the optimizer state in {directory} does not fit this adapter "
             "(different layers); start a new run without --resume"
         )
-    for i, (path, variable) in enumerate(flat):
-        saved = np.asarray(tree[f"{i:05d}"])
-        if saved.shape != tuple(variable.shape):
-            raise FinetuneError(f"--resume: optimizer entry {path} has shape {saved.shape}")
-        variable.set_value(jnp.asarray(saved, variable[...].dtype))
+    checkpointer = ocp.PyTreeCheckpointer()
+    saved = checkpointer.metadata(path)
+    saved = getattr(getattr(saved, "item_metadata", saved), "tree", saved)
+    args = {}
+    for i, (var_path, variable) in enumerate(flat):
+        shape = tuple(saved[f"{i:05d}"].shape)
+        if shape != tuple(variable.shape):
+            raise FinetuneError(f"--resume: optimizer entry {var_path} has shape {shape}")
+        value = variable[...]
+        args[f"{i:05d}"] = ocp.ArrayRestoreArgs(
+            sharding=value.sharding, global_shape=shape, dtype=value.dtype
+        )
+    tree = checkpointer.restore(path, restore_args=args)
+    for i, (_, variable) in enumerate(flat):
+        variable.set_value(tree[f"{i:05d}"])
     nnx.update(optimizer, state)
 
 

@@ -23,7 +23,8 @@ packed into rows with segment ids, and `--eval-generate` scores greedy answers.
 
 With `--mesh data=2,model=4` (any axes, see `shira_jax.sharding`) the model, adapter,
 optimizer state and batches are placed on a device mesh and the steps run under it;
-`--distributed` first calls `jax.distributed.initialize()` (one process per host).
+`--distributed` first calls `jax.distributed.initialize()` (one process per host; JAX finds
+the coordinator), or `--coordinator HOST:PORT --num-processes N --process-id I` names it.
 
 Example (bad input fails before any long work, with one line):
     >>> from shira_jax.app import finetune
@@ -64,6 +65,7 @@ from shira_jax.app.options import (
     FinetuneConfig,
     FinetuneError,
     check_batch_split,
+    distributed_args,
     shira_config,
     targets_text,
     validate,
@@ -230,8 +232,9 @@ def prepare(cfg: FinetuneConfig, log: Log, timings: Timings) -> Job:
     """Check everything that is cheap to check, then load the model and the data."""
     with timings.measure("check"):
         validate(cfg)
-        if cfg.distributed and not jax.distributed.is_initialized():
-            jax.distributed.initialize()  # before any device use
+        init_args = distributed_args(cfg)
+        if init_args is not None and not jax.distributed.is_initialized():
+            jax.distributed.initialize(**init_args)  # before any device use
         out = Path(cfg.out).expanduser()
         resume_meta = check_resume(cfg, out / CHECKPOINT_DIR) if cfg.resume else None
         model_path = source.resolve_model(cfg.model)

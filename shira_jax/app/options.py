@@ -120,6 +120,18 @@ class FinetuneConfig:
     distributed: bool = option(
         False, "call jax.distributed.initialize() first (multi-host; needs --mesh)"
     )
+    coordinator: str | None = option(
+        None,
+        "HOST:PORT of process 0, for jax.distributed.initialize (with --num-processes and "
+        "--process-id; implies --distributed); default: JAX's auto-detection",
+        metavar="HOST:PORT",
+    )
+    num_processes: int | None = option(
+        None, "how many processes take part (with --coordinator)", type=int, metavar="N"
+    )
+    process_id: int | None = option(
+        None, "this process's rank, 0 .. N-1 (with --coordinator)", type=int, metavar="I"
+    )
 
     def to_dict(self) -> dict[str, Any]:
         """The flags as JSON data; `targets` normalized ("q_proj,v_proj" -> a list)."""
@@ -207,7 +219,8 @@ def validate(cfg: FinetuneConfig) -> None:
         raise FinetuneError(f"--out {cfg.out} exists and is not a folder")
     _check_data(cfg)
     shira_config(cfg, None)  # mask / r / targets syntax
-    if cfg.distributed and not cfg.mesh:
+    check_processes(cfg)
+    if (cfg.distributed or cfg.coordinator is not None) and not cfg.mesh:
         raise FinetuneError("--distributed needs --mesh (e.g. --mesh data=-1)")
     if cfg.mesh:
         try:
@@ -215,6 +228,59 @@ def validate(cfg: FinetuneConfig) -> None:
         except ValueError as err:
             raise FinetuneError(f"--mesh: {err}") from None
         check_batch_split(cfg.batch_size, sizes)
+
+
+def distributed_args(cfg: FinetuneConfig) -> dict[str, Any] | None:
+    """The keyword arguments for `jax.distributed.initialize`, or None to not call it.
+
+    `--coordinator/--num-processes/--process-id` are passed on; `--distributed` alone gives
+    `{}` (JAX's auto-detection: TPU pods, SLURM, ...).
+
+    >>> distributed_args(FinetuneConfig(coordinator="10.0.0.1:1234", num_processes=2, process_id=1))
+    {'coordinator_address': '10.0.0.1:1234', 'num_processes': 2, 'process_id': 1}
+    >>> distributed_args(FinetuneConfig(distributed=True)), distributed_args(FinetuneConfig())
+    ({}, None)
+    """
+    if cfg.coordinator is not None:
+        return {
+            "coordinator_address": cfg.coordinator,
+            "num_processes": cfg.num_processes,
+            "process_id": cfg.process_id,
+        }
+    return {} if cfg.distributed else None
+
+
+def check_processes(cfg: FinetuneConfig) -> None:
+    """`--coordinator HOST:PORT --num-processes N --process-id I`: all three or none, N >= 1,
+    0 <= I < N.
+
+    >>> try:
+    ...     check_processes(FinetuneConfig(coordinator="localhost:1234", num_processes=2))
+    ... except FinetuneError as err:
+    ...     print(str(err).split("; ")[-1])
+    missing: --process-id
+    """
+    given = {
+        "--coordinator": cfg.coordinator,
+        "--num-processes": cfg.num_processes,
+        "--process-id": cfg.process_id,
+    }
+    missing = [flag for flag, value in given.items() if value is None]
+    if len(missing) == 3:
+        return
+    if missing:
+        raise FinetuneError(
+            "--coordinator, --num-processes and --process-id go together (give all three, or "
+            f"none for JAX's auto-detection); missing: {', '.join(missing)}"
+        )
+    host, _, port = str(cfg.coordinator).rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise FinetuneError(f"--coordinator must be HOST:PORT, got {cfg.coordinator!r}")
+    n, i = cfg.num_processes, cfg.process_id
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise FinetuneError(f"--num-processes must be a positive integer, got {n!r}")
+    if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n:
+        raise FinetuneError(f"--process-id must be in 0..{n - 1} (--num-processes {n}), got {i!r}")
 
 
 def _check_data(cfg: FinetuneConfig) -> None:
