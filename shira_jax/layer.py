@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -24,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from shira_jax import kernels, ops
 from shira_jax.util import as_tuple
@@ -163,11 +165,16 @@ class ShiraDense(nnx.Module):
     def set_adapter(self, adapters: str | Sequence[str]) -> None:
         """Make `adapters` the active ones; only active adapters' values train."""
         names = as_tuple(adapters)
-        self.active_adapters = names
+        if self.active_adapters != names:
+            _set_static(self, "active_adapters", names)
         for name in self.adapter_names:
             variable = self.shira_weight[name]
             kind = ShiraParam if name in names else ShiraFrozenValues
-            if type(variable) is not kind:
+            if type(variable) is kind:
+                continue
+            if _concrete(variable.get_raw_value()):  # same object, new kind: ~100x cheaper
+                variable.__class__ = kind
+            else:
                 self.shira_weight[name] = kind(variable[...], **variable.get_metadata())
 
     def set_scale(self, adapter: str, scale: float) -> None:
@@ -310,6 +317,9 @@ class ShiraDense(nnx.Module):
 
         With `safe_merge`, a non-finite result is refused and the layer left unchanged.
         """
+        if _fast(self):  # one compiled pass (or in-buffer write), in place when possible
+            merge_layers([self], adapter_names, safe_merge=safe_merge)
+            return
         kernel, backups, names = self.plan_merge(adapter_names)
         if not names:
             return
@@ -324,10 +334,8 @@ class ShiraDense(nnx.Module):
         """Restore the exact original kernel entries, last merged first."""
         if not self.merged_adapters:
             return
-        if _concrete(self.base_layer.kernel.get_value()) and self._scatter(
-            self.base_layer.kernel.get_value()
-        ) is ops.scatter_delta:  # one compiled pass, in place when nothing else holds the kernel
-            _run_switch_plans([self._switch_plan(None, None, unmerge_all=True)])
+        if _fast(self):  # one pass, in place when nothing else holds the kernel
+            unmerge_layers([self])
             return
         kernel = self.base_layer.kernel[...]
         for a in reversed(self.merged_adapters):
@@ -388,17 +396,13 @@ class ShiraDense(nnx.Module):
             redo, order = add + after, merged[:pos] + add + after
         else:
             undo, redo, order = (), add, merged + add
-        restores = [
-            (self.shira_indices[a][...], self.merge_backup[a][...]) for a in reversed(undo)
-        ]
-        merges = [
-            (self.shira_indices[a][...], self.shira_weight[a][...], self.scaling[a]) for a in redo
-        ]
-        return _SwitchPlan(self, undo, redo, order, restores, merges)
+        return _make_plan(self, undo, redo, order)
 
 
 class _SwitchPlan:
     """One layer's part of a switch: restore `undo`, merge `redo`, end with `order` merged."""
+
+    __slots__ = ("layer", "undo", "redo", "order", "restores", "merges")
 
     def __init__(self, layer, undo, redo, order, restores, merges) -> None:
         self.layer, self.undo, self.redo, self.order = layer, undo, redo, order
@@ -409,74 +413,195 @@ class _SwitchPlan:
         return not self.restores and not self.merges
 
 
-def _sole_owner(variable: nnx.Variable) -> bool:
-    """True when only `variable` holds its array, so donating it changes nothing visible.
+def _raw(variable: nnx.Variable) -> Any:
+    """A Variable's array without `get_value`'s copy and hooks (~30 us each on NNX 0.12)."""
+    value = variable.get_raw_value()
+    return value if isinstance(value, (jax.Array, np.ndarray)) else variable[...]
 
-    The count covers the Variable, the local name and `getrefcount`'s own argument. A NumPy
-    view of the array makes XLA copy instead of donating, so it is safe as well.
-    """
-    value = variable.get_value()
+
+def _make_plan(
+    layer: ShiraDense, undo: Sequence[str], redo: Sequence[str], order: tuple[str, ...]
+) -> _SwitchPlan:
+    """Restore `undo`'s saved entries (last merged first), merge `redo`, end with `order`."""
+    restores = [(_raw(layer.shira_indices[a]), _raw(layer.merge_backup[a])) for a in reversed(undo)]
+    merges = [
+        (_raw(layer.shira_indices[a]), _raw(layer.shira_weight[a]), layer.scaling[a])
+        for a in redo
+    ]
+    return _SwitchPlan(layer, tuple(undo), tuple(redo), order, restores, merges)
+
+
+def _merge_plan(layer: ShiraDense, names: Sequence[str] | None) -> _SwitchPlan:
+    chosen = layer.active_adapters if names is None else names
+    merged = layer.merged_adapters
+    todo = tuple(a for a in chosen if a in layer.shira_weight and a not in merged)
+    return _make_plan(layer, (), todo, merged + todo)
+
+
+def _sole_owner(values: list[Any], i: int) -> bool:
+    """True when only the kernel Variable holds `values[i]`, so donating it changes nothing
+    visible: the count covers the Variable, the list, this frame's name and `getrefcount`'s
+    argument. A NumPy view of the array makes XLA copy instead of donating (safe as well)."""
+    value = values[i]
     if not isinstance(value, jax.Array) or value.is_deleted():
         return False
-    return sys.getrefcount(value) <= 3
+    return sys.getrefcount(value) <= 4
+
+
+def _fast(layer: ShiraDense) -> bool:
+    """The in-place engine applies: a concrete kernel (2-D or stacked), outside any trace."""
+    value = layer.base_layer.kernel.get_raw_value()
+    return _concrete(value) and value.ndim in (2, 3)
+
+
+def _commit(plan: _SwitchPlan, kernel: jax.Array, entries: Sequence[jax.Array]) -> None:
+    """Write one plan's results into its layer (raw setters: no per-layer NNX bookkeeping)."""
+    layer = plan.layer
+    variable = layer.base_layer.kernel
+    if isinstance(variable.get_raw_value(), jax.Array):
+        variable.set_raw_value(kernel)
+    else:
+        variable.set_value(kernel)
+    backups = layer.merge_backup
+    spare = [backups[a] for a in plan.undo]  # reuse their Variables (cheaper, keeps metadata)
+    for a in plan.undo:
+        del backups[a]
+    for a, e in zip(plan.redo, entries):
+        if spare:
+            backup = spare.pop()
+            backup.set_raw_value(e)
+        else:
+            backup = ShiraMergeBackup(e)
+        backups[a] = backup
+    if layer.merged_adapters != plan.order:
+        _set_static(layer, "merged_adapters", plan.order)
+
+
+def _sharded_body(kernel, restore, merge, *, mesh, spec):  # noqa: ANN001, ANN202
+    rows_axes, cols_axes = (kernels.axis_names(e) for e in spec)
+    sizes = dict(mesh.shape)
+    b0 = kernel.shape[0] // math.prod(sizes[a] for a in rows_axes)
+    b1 = kernel.shape[1] // math.prod(sizes[a] for a in cols_axes)
+
+    def block_start(axes: tuple[str, ...], size: int) -> jax.Array:
+        index = jnp.int32(0)
+        for a in axes:
+            index = index * sizes[a] + jax.lax.axis_index(a)
+        return index * size
+
+    def local(block, restore, merge):  # noqa: ANN001, ANN202
+        row0, col0 = block_start(rows_axes, b0), block_start(cols_axes, b1)
+        for idx, saved in restore:
+            block = ops.write_block(block, idx[0] - row0, idx[1] - col0, saved)
+        saved_now = []
+        for idx, values, scale in merge:
+            rows, cols = idx[0] - row0, idx[1] - col0
+            bits = ops.gather_block_bits(block, rows, cols)  # 0 outside this block: sums exact
+            block = ops.scatter_block(block, rows, cols, values, scale)
+            saved_now.append(jax.lax.psum(bits, rows_axes + cols_axes))
+        return block, saved_now
+
+    kspec = PartitionSpec(*spec)
+    block, bits = jax.shard_map(
+        local, mesh=mesh, in_specs=(kspec, PartitionSpec(), PartitionSpec()),
+        out_specs=(kspec, PartitionSpec()),
+    )(kernel, restore, merge)
+    return block, [ops.entries_from_bits(b, kernel.dtype) for b in bits]
+
+
+_sharded_donated = jax.jit(_sharded_body, static_argnames=("mesh", "spec"), donate_argnums=(0,))
+_sharded_copied = jax.jit(_sharded_body, static_argnames=("mesh", "spec"))
+
+
+def _scale(scale: Any) -> jax.Array:
+    return jnp.asarray(scale, jnp.float32)
+
+
+def _switch_sharded(kernel: jax.Array, plan: _SwitchPlan, layout: Any, donate: bool) -> Any:
+    """One layer's switch on a kernel split over a mesh: every device writes its own block."""
+    mesh, spec = layout
+    spec = tuple(e if e is None or isinstance(e, str) else tuple(e) for e in spec)
+    merges = [(i, v, _scale(s)) for i, v, s in plan.merges]
+    run = _sharded_donated if donate else _sharded_copied
+    return run(kernel, plan.restores, merges, mesh=mesh, spec=spec)
 
 
 def _run_switch_plans(plans: list[_SwitchPlan], *, check_finite: bool = False) -> None:
-    """Execute the plans, one compiled pass per kernel (donated when safely possible), and
-    commit them; with `check_finite`, refuse (raise, nothing changed) on non-finite entries."""
+    """Execute the plans in place and commit them: same-shaped kernels in one compiled,
+    donated call per group (`ops.switch_kernels`), kernels split over a mesh shard by shard.
+    With `check_finite`, refuse (raise, nothing changed) on non-finite merged entries."""
     plans = [p for p in plans if not p.empty]
     if not plans:
         return
     variables = [p.layer.base_layer.kernel for p in plans]
-    for p, v in zip(plans, variables):
-        if v.get_value().ndim != 2:
-            raise ValueError(
-                f"Layer {p.layer.layer_name or '?'} is a stacked layer (kernel shape "
-                f"{tuple(v.get_value().shape)}); switch it with sj.merge / sj.unmerge."
-            )
+    values = [v.get_raw_value() for v in variables]
     counts: dict[int, int] = {}
-    for v in variables:
-        counts[id(v.get_value())] = counts.get(id(v.get_value()), 0) + 1
+    for i in range(len(values)):  # (no loop name bound to a kernel: it would count as a holder)
+        counts[id(values[i])] = counts.get(id(values[i]), 0) + 1
     # donate (update in place) only kernels nobody else can see; never when refusing is possible
     donate = [
-        not check_finite and counts[id(v.get_value())] == 1 and _sole_owner(v) for v in variables
+        not check_finite and counts[id(values[i])] == 1 and _sole_owner(values, i)
+        for i in range(len(values))
     ]
-    kernels = [v.get_value() for v in variables]
-    new_kernels, saved = ops.switch_kernels(
-        kernels, [p.restores for p in plans], [p.merges for p in plans], donate
-    )
+    layouts = [kernels.kernel_layout(var, v) if v.ndim == 2 else None
+               for var, v in zip(variables, values)]
+    plain = [i for i, layout in enumerate(layouts) if layout is None]
+    results: list[Any] = [None] * len(plans)
+    for i, layout in enumerate(layouts):
+        if layout is not None:
+            value, values[i] = values[i], None
+            results[i] = _switch_sharded(value, plans[i], layout, donate[i])
+            del value
+    batch = [values[i] for i in plain]
+    for i in plain:
+        values[i] = None
+    new, saved = ops.switch_kernels(batch, [plans[i].restores for i in plain],
+                                    [plans[i].merges for i in plain], [donate[i] for i in plain])
+    for i, k, e in zip(plain, new, saved):
+        results[i] = (k, e)
     if check_finite:  # only merged entries can have become non-finite
-        bad = [
-            p.layer.layer_name or "?"
-            for p, k in zip(plans, new_kernels)
-            if not all(bool(jnp.isfinite(ops.gather_entries(k, m[0])).all()) for m in p.merges)
-        ]
-        if bad:
+        _check_finite(plans, results)
+    for p, var, (kernel, entries) in zip(plans, variables, results):
+        before = getattr(var.get_raw_value(), "sharding", None)
+        if before is not None and getattr(kernel, "sharding", None) != before:
+            kernel = jax.device_put(kernel, before)
+        _commit(p, kernel, entries)
+
+
+def _check_finite(plans: Sequence[_SwitchPlan], results: Sequence[Any]) -> None:
+    bad = [
+        p.layer.layer_name or "?"
+        for p, (_, entries) in zip(plans, results)
+        if not all(bool(jnp.isfinite(_merged(e, m)).all()) for e, m in zip(entries, p.merges))
+    ]
+    if bad:
+        raise ValueError(
+            f"Merging gives non-finite weights in {bad[:3]}; the adapter seems broken. "
+            "Nothing was changed."
+        )
+
+
+def _merged(saved: jax.Array, merge: Any) -> jax.Array:
+    """The merged entries of one adapter, recomputed from what it overwrote."""
+    _, values, scale = merge
+    new = saved.astype(jnp.float32) + jnp.float32(scale) * values.astype(jnp.float32)
+    return new.astype(saved.dtype)
+
+
+def _check_plain(layers: Sequence[ShiraDense]) -> None:
+    for layer in layers:
+        if not _fast(layer):
             raise ValueError(
-                f"Merging gives non-finite weights in {bad[:3]}; the adapter seems broken. "
-                "Nothing was changed."
+                f"Layer {layer.layer_name or '?'}: switching needs a concrete 2-D or stacked "
+                "kernel outside jit; call it eagerly."
             )
-    for p, kernel, entries in zip(plans, new_kernels, saved):
-        layer = p.layer
-        layer.base_layer.kernel.set_value(kernel)
-        spare = [layer.merge_backup[a] for a in p.undo]  # reuse their Variables (cheaper)
-        for a in p.undo:
-            del layer.merge_backup[a]
-        for a, e in zip(p.redo, entries):
-            if spare:
-                variable = spare.pop()
-                variable.set_value(e)
-            else:
-                variable = ShiraMergeBackup(e)
-            layer.merge_backup[a] = variable
-        if layer.merged_adapters != p.order:
-            layer.merged_adapters = p.order
 
 
 def switch_layers(
     layers: Sequence[ShiraDense], old: str | None, new: str | None, *, safe_merge: bool = False
 ) -> None:
-    """`ShiraDense.switch` over many plain (2-D) layers, one compiled pass per kernel."""
+    """`ShiraDense.switch` over many layers (plain or stacked), in place, grouped by shape."""
+    _check_plain(layers)
     plans = [layer._switch_plan(old, new) for layer in layers]
     _run_switch_plans(plans, check_finite=safe_merge)
     if old is None or new is None:
@@ -485,6 +610,61 @@ def switch_layers(
         if old in layer.active_adapters:
             active = tuple(dict.fromkeys(new if a == old else a for a in layer.active_adapters))
             layer.set_adapter(active)  # re-types values: only the active ones train
+
+
+def merge_layers(
+    layers: Sequence[ShiraDense], names: Sequence[str] | None, *, safe_merge: bool = False
+) -> None:
+    """`ShiraDense.merge` over many layers: concrete kernels in one in-place engine call, traced
+    ones layer by layer; with `safe_merge` a non-finite result anywhere merges nothing."""
+    fast = [layer for layer in layers if _fast(layer)]
+    slow = [(layer, *plan_merge(layer, names)) for layer in layers if not _fast(layer)]
+    if safe_merge:
+        for layer, kernel, _, todo in slow:
+            if todo and not bool(jnp.isfinite(kernel).all()):
+                raise ValueError(
+                    f"Merging {list(todo)} into {layer.layer_name or '?'} gives non-finite "
+                    "weights; the adapter seems broken. Nothing was merged."
+                )
+    _run_switch_plans([_merge_plan(layer, names) for layer in fast], check_finite=safe_merge)
+    for layer, kernel, backups, todo in slow:
+        if todo:
+            commit_merge(layer, kernel, backups, todo)
+
+
+def unmerge_layers(layers: Sequence[ShiraDense]) -> None:
+    """`ShiraDense.unmerge` over many layers: saved entries written back, last merged first."""
+    fast = [layer for layer in layers if _fast(layer) and layer.merged_adapters]
+    _run_switch_plans([_make_plan(layer, layer.merged_adapters, (), ()) for layer in fast])
+    for layer in layers:
+        if layer.merged_adapters and not _fast(layer):
+            unmerge_layer(layer)
+
+
+def remerge_layers(
+    layers: Sequence[ShiraDense], names: Sequence[Sequence[str]] | Sequence[str]
+) -> None:
+    """Make `names` the merged adapters of every layer (one sequence for all, or one per
+    layer), in one pass per kernel: the merged ones are restored, then `names` merged."""
+    _check_plain(layers)
+    per_layer = names and not isinstance(names[0], str)
+    plans = []
+    for i, layer in enumerate(layers):
+        wanted = tuple(a for a in (names[i] if per_layer else names) if a in layer.shira_weight)
+        if wanted != layer.merged_adapters:
+            plans.append(_make_plan(layer, layer.merged_adapters, wanted, wanted))
+    _run_switch_plans(plans)
+
+
+def _set_static(module: nnx.Module, name: str, value: tuple[str, ...]) -> None:
+    """Set an existing static (tuple of names) attribute; outside a trace this skips NNX's
+    ~100 us of attribute bookkeeping, which only matters for new or data attributes."""
+    if name in vars(module) and not isinstance(
+        module.base_layer.kernel.get_raw_value(), jax.core.Tracer
+    ):
+        object.__setattr__(module, name, value)
+    else:
+        setattr(module, name, value)
 
 
 def _concrete(value: Any) -> bool:

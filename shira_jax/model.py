@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -35,13 +36,18 @@ from shira_jax.kernels import KernelView, kernel_view
 from shira_jax.layer import (
     ShiraDense,
     attach_adapter,
-    commit_merge,
-    plan_merge,
+    merge_layers,
+    remerge_layers,
     switch_layers,
-    unmerge_layer,
+    unmerge_layers,
     unwrap,
 )
-from shira_jax.modules_to_save import ModulesToSave, select_modules_to_save, wrap_modules_to_save
+from shira_jax.modules_to_save import (
+    ModulesToSave,
+    check_one_copy,
+    select_modules_to_save,
+    wrap_modules_to_save,
+)
 from shira_jax.util import as_tuple, check_adapter_name, dotted, get_submodule, set_submodule
 
 __all__ = [
@@ -201,8 +207,13 @@ def _targets(
             raise ValueError(f"No module at {unknown}; modules here: {list(modules)[:20]} ...")
         return list(indices)
     model_type = model_type or getattr(getattr(model, "config", None), "model_type", None)
-    candidates = [p for p, m in modules.items() if kernel_view(unwrap(m)) is not None]
-    return resolve_targets(config, candidates, model_type=model_type)
+    candidates, others = [], {}
+    for path, module in modules.items():
+        if kernel_view(unwrap(module)) is not None:
+            candidates.append(path)
+        else:
+            others[path] = type(module).__name__
+    return resolve_targets(config, candidates, model_type=model_type, unsupported=others)
 
 
 def _checked_target(path: str, module: nnx.Module, adapter_name: str) -> KernelView:
@@ -396,13 +407,22 @@ def calibration_gradients(
 
 
 def set_adapter(model: nnx.Module, adapter_names: str | Sequence[str]) -> None:
-    """Activate one adapter or a list (their deltas sum); only active adapters train."""
+    """Activate one adapter or a list (their deltas sum); only active adapters train.
+
+    On a merged model the merged adapters are replaced by `names` in place (one pass per
+    group of same-shaped kernels, as `switch_adapter`): the model stays merged. (PEFT unmerges
+    instead; call `unmerge` first for that.)
+    """
     names = as_tuple(adapter_names)
-    require_adapters(model, names)
-    for _, layer in shira_layers(model):
+    layers, wrappers = _wrappers_fast(model)
+    _require_fast(model, layers, names)
+    check_one_copy(wrappers, names)  # PEFT's ValueError, before anything changes
+    for layer in layers:
         layer.set_adapter(names)
-    for _, wrapper in _save_wrappers(model):
+    for wrapper in wrappers:
         wrapper.set_adapter(names)
+    if any(layer.merged_adapters for layer in layers):  # merged mode: swap in place
+        remerge_layers(layers, names)
 
 
 def set_scale(model: nnx.Module, adapter_name: str, scale: float) -> None:
@@ -415,22 +435,21 @@ def set_scale(model: nnx.Module, adapter_name: str, scale: float) -> None:
 @contextlib.contextmanager
 def disable_adapter(model: nnx.Module) -> Iterator[nnx.Module]:
     """Run the base model only; merged adapters are unmerged and merged back on exit."""
-    layers = shira_layers(model)
-    wrappers = _save_wrappers(model)
-    remerge = {path: layer.merged_adapters for path, layer in layers}
-    unmerge(model)
-    for _, layer in layers:
+    layers, wrappers = _wrappers_fast(model)
+    remerge = [layer.merged_adapters for layer in layers]
+    unmerge_layers(layers)  # in place, one pass per group of same-shaped kernels
+    for layer in layers:
         layer.disabled = True
-    for _, wrapper in wrappers:
+    for wrapper in wrappers:
         wrapper.disabled = True
     try:
         yield model
     finally:
-        for path, layer in layers:
+        for layer in layers:
             layer.disabled = False
-            if remerge[path]:
-                _merge_layers([(path, layer)], remerge[path], safe_merge=False)
-        for _, wrapper in wrappers:
+        if any(remerge):
+            remerge_layers(layers, remerge)
+        for wrapper in wrappers:
             wrapper.disabled = False
 
 
@@ -439,39 +458,31 @@ def merge(
 ) -> None:
     """Fold adapters (default: the active ones) into the kernels, keeping what they overwrite.
 
-    Every layer is computed first; with `safe_merge` a non-finite result anywhere refuses the
-    whole merge and leaves the model unchanged. Scan-stacked layers merge layer by layer.
-    Unmerge restores the kernels bit for bit.
+    Kernels are updated in place, touching only the adapters' entries: one compiled, donated
+    call per group of same-shaped kernels (plain or scan-stacked), kernels split over a mesh
+    shard by shard. With `safe_merge` a non-finite result anywhere refuses the whole merge
+    and leaves the model unchanged. Unmerge restores the kernels bit for bit.
     """
+    layers, _ = _wrappers_fast(model)
     if adapter_names is not None:
         adapter_names = as_tuple(adapter_names)
-        require_adapters(model, adapter_names)
-    _merge_layers(shira_layers(model), adapter_names, safe_merge=safe_merge)
-
-
-def _merge_layers(
-    layers: Sequence[tuple[str, ShiraDense]],
-    names: Sequence[str] | None,
-    *,
-    safe_merge: bool,
-) -> None:
-    plans = [(path, layer, *plan_merge(layer, names)) for path, layer in layers]
-    if safe_merge:
-        for path, _, kernel, _, todo in plans:
-            if todo and not bool(jnp.isfinite(kernel).all()):
-                raise ValueError(
-                    f"Merging {list(todo)} into {path} gives non-finite weights; the adapter "
-                    "seems broken. Nothing was merged."
-                )
-    for _, layer, kernel, backups, todo in plans:
-        if todo:
-            commit_merge(layer, kernel, backups, todo)
+        _require_fast(model, layers, adapter_names)
+    merge_layers(layers, adapter_names, safe_merge=safe_merge)
 
 
 def unmerge(model: nnx.Module) -> None:
-    """Undo every merge, restoring the original kernel entries bit for bit."""
-    for _, layer in shira_layers(model):
-        unmerge_layer(layer)
+    """Undo every merge, restoring the original kernel entries bit for bit (in place)."""
+    unmerge_layers(_wrappers_fast(model)[0])
+
+
+def _require_fast(model: nnx.Module, layers: Sequence[ShiraDense], names: Sequence[Any]) -> None:
+    """`require_adapters` from already-found layers (no graph walk)."""
+    known = dict.fromkeys(adapter_configs(model))
+    for layer in layers:
+        known.update(dict.fromkeys(layer.adapter_names))
+    missing = [n for n in names if n is not None and n not in known]
+    if missing:
+        raise KeyError(f"No adapter named {missing} in this model; it has {list(known)}.")
 
 
 def merge_and_unload(model: nnx.Module, safe_merge: bool = False) -> nnx.Module:
@@ -487,7 +498,28 @@ def merge_and_unload(model: nnx.Module, safe_merge: bool = False) -> nnx.Module:
 
 
 def delete_adapter(model: nnx.Module, adapter_name: str) -> None:
-    """Remove an adapter everywhere (unmerge it first if it is merged)."""
+    """Remove an adapter everywhere (unmerge it first if it is merged).
+
+    As in PEFT, deleting an active adapter keeps the other active ones; when none is left, the
+    first remaining adapter (in sorted order) becomes active, with PEFT's warning, so the model
+    never silently falls back to the base model while it still has adapters.
+
+    Example:
+        >>> import warnings
+        >>> from flax import nnx
+        >>> import shira_jax as sj
+        >>> class Net(nnx.Module):
+        ...     def __init__(self):
+        ...         self.proj = nnx.Linear(4, 4, rngs=nnx.Rngs(0))
+        >>> net = Net()
+        >>> for name in ("b", "a"):
+        ...     _ = sj.apply_shira(net, sj.ShiraConfig(r=1, target_modules=["proj"]), name)
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     sj.delete_adapter(net, "b")
+        >>> sj.active_adapters(net), str(caught[0].message)
+        (('a',), 'Adapter b was active which is now deleted. Setting active adapter to a.')
+    """
     require_adapters(model, [adapter_name])
     layers = shira_layers(model)
     merged_in = [p for p, layer in layers if adapter_name in layer.merged_adapters]
@@ -495,12 +527,33 @@ def delete_adapter(model: nnx.Module, adapter_name: str) -> None:
         raise ValueError(
             f"Adapter {adapter_name!r} is merged in {merged_in[:3]}...; call unmerge first."
         )
+    was_active = active_adapters(model)
     for _, layer in layers:
         if adapter_name in layer.adapter_names:
             layer.delete_adapter(adapter_name)
     for _, wrapper in _save_wrappers(model):
         wrapper.delete_adapter(adapter_name)
     model.shira_configs = {k: v for k, v in adapter_configs(model).items() if k != adapter_name}
+    if adapter_name in was_active:
+        _activate_remaining(model, adapter_name, was_active)
+
+
+def _activate_remaining(model: nnx.Module, deleted: str, was_active: Sequence[str]) -> None:
+    """After deleting the active `deleted`: keep the other active adapters, else activate the
+    first remaining one with PEFT's warning (`BaseTunerLayer.delete_adapter`)."""
+    remaining = tuple(a for a in was_active if a != deleted)
+    if not remaining:
+        left = sorted(adapter_names(model))
+        if not left:
+            return
+        remaining = (left[0],)
+        warnings.warn(
+            f"Adapter {deleted} was active which is now deleted. Setting active adapter to "
+            f"{left[0]}.",
+            UserWarning,
+            stacklevel=3,
+        )
+    set_adapter(model, remaining)
 
 
 def _save_wrappers(model: nnx.Module) -> list[tuple[str, ModulesToSave]]:
@@ -539,13 +592,10 @@ def switch_adapter(
         (('b',), ('b',))
     """
     layers, wrappers = _wrappers_fast(model)
-    known = set(adapter_configs(model))
-    for layer in layers:
-        known.update(layer.adapter_names)
-    missing = [n for n in (old, new) if n is not None and n not in known]
-    if missing:
-        raise KeyError(f"No adapter named {missing} in this model; it has {sorted(known)}.")
+    _require_fast(model, layers, (old, new))
     previous = layers[0].active_adapters if layers else ()
+    if old is not None and new is not None and old in previous:
+        check_one_copy(wrappers, [new if a == old else a for a in previous])
     switch_layers(layers, old, new, safe_merge=safe_merge)
     if old is not None and new is not None and old in previous:
         active = tuple(dict.fromkeys(new if a == old else a for a in previous))

@@ -11,8 +11,10 @@ Three kinds of function live here:
   recomputes that kernel instead of keeping it, so a SHiRA step holds no more memory than a
   LoRA step (see BENCHMARKS.md);
 * merged-mode switching: `merge_entries` / `switch_entries` (gather the entries to keep, write
-  the new ones, in one pass) and `switch_kernels`, which switches a whole list of kernels in one
-  compiled, donated call.
+  the new ones, in one pass) and `switch_kernels`, which switches a whole list of kernels in
+  place: one compiled, donated call per group of same-shaped kernels (`switch_group`), or, for
+  16-bit kernels on a CPU, in their own buffers (`switch_on_host`: XLA CPU cannot write 16-bit
+  floats in place).
 
 16-bit float kernels (bf16, f16) are written through a `uint16` view: XLA's CPU scatter has no
 16-bit float kernel and otherwise converts the whole kernel to float32 and back for a few
@@ -32,7 +34,10 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import math
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -42,14 +47,21 @@ import numpy as np
 
 __all__ = [
     "dense_delta",
+    "entries_from_bits",
+    "flat_positions",
+    "gather_block_bits",
     "gather_entries",
+    "host_writable",
     "merge_entries",
     "patched_call",
     "restore_entries",
     "scatter_block",
     "scatter_delta",
     "switch_entries",
+    "switch_group",
     "switch_kernels",
+    "switch_on_host",
+    "write_block",
     "write_entries",
 ]
 
@@ -177,6 +189,43 @@ def scatter_block(
     return block.at[rows, cols].set(new, mode="drop", unique_indices=True)
 
 
+def _block_positions(block: jax.Array, rows: jax.Array, cols: jax.Array) -> tuple[Any, Any]:
+    inside = (rows >= 0) & (rows < block.shape[0]) & (cols >= 0) & (cols < block.shape[1])
+    return jnp.where(inside, rows, block.shape[0]), jnp.where(inside, cols, block.shape[1])
+
+
+def gather_block_bits(block: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.Array:
+    """The entries of one kernel block at block-relative `rows` / `cols` as uint32 bit
+    patterns, 0 for positions outside the block (summing over blocks is then exact)."""
+    rows, cols = _block_positions(block, rows, cols)
+    bits = _bits_dtype(block.dtype) or {4: jnp.uint32, 8: jnp.uint64}[block.dtype.itemsize]
+    view = jax.lax.bitcast_convert_type(block, bits)
+    return view.at[rows, cols].get(mode="fill", fill_value=0).astype(jnp.uint32)
+
+
+def entries_from_bits(bits: jax.Array, dtype: Any) -> jax.Array:
+    """Inverse of `gather_block_bits` (after summing the blocks' patterns)."""
+    dtype = jnp.dtype(dtype)
+    raw = _bits_dtype(dtype) or {4: jnp.uint32, 8: jnp.uint64}[dtype.itemsize]
+    return jax.lax.bitcast_convert_type(bits.astype(raw), dtype)
+
+
+def write_block(
+    block: jax.Array, rows: jax.Array, cols: jax.Array, entries: jax.Array
+) -> jax.Array:
+    """Write `entries` at block-relative positions; those outside the block are dropped."""
+    rows, cols = _block_positions(block, rows, cols)
+    bits = _bits_dtype(block.dtype)
+    entries = entries.astype(block.dtype)
+    if bits is None:
+        return block.at[rows, cols].set(entries, mode="drop", unique_indices=True)
+    view = jax.lax.bitcast_convert_type(block, bits)
+    view = view.at[rows, cols].set(
+        jax.lax.bitcast_convert_type(entries, bits), mode="drop", unique_indices=True
+    )
+    return jax.lax.bitcast_convert_type(view, block.dtype)
+
+
 def restore_entries(
     kernel: jax.Array, indices: jax.Array, saved: jax.Array, *, flat: bool = False
 ) -> jax.Array:
@@ -250,13 +299,6 @@ def _switch_one(
     return kernel, saved_now
 
 
-# One compiled program per kernel signature (shape, dtype, adapters' sizes): a model with a
-# few distinct layer shapes compiles a few small programs, where one program for every layer
-# took ~15 s to compile for 210 layers, and each call is one in-place pass over one kernel.
-_switch_donated = jax.jit(_switch_one, donate_argnums=(0,), static_argnums=(3,))
-_switch_copied = jax.jit(_switch_one, static_argnums=(3,))
-
-
 def _one_device(kernel: jax.Array) -> bool:
     sharding = getattr(kernel, "sharding", None)
     return sharding is not None and len(sharding.device_set) == 1
@@ -272,20 +314,222 @@ def _scale_array(scale: float | jax.Array) -> jax.Array:
     return _scale_constant(float(scale)) if isinstance(scale, (int, float)) else scale
 
 
+def flat_positions(indices: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Row-major positions in the flattened `[*stack, in, out]` kernel of `[*stack, 2, nnz]`
+    indices, as one vector (stack slices one after another). Works under `jit`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from shira_jax import ops
+        >>> ops.flat_positions(jnp.array([[0, 1], [2, 0]]), (2, 3)).tolist()
+        [2, 3]
+        >>> ops.flat_positions(jnp.array([[[0], [1]], [[1], [0]]]), (2, 2, 2)).tolist()
+        [1, 6]
+    """
+    n_in, n_out = shape[-2], shape[-1]
+    pos = indices[..., 0, :] * n_out + indices[..., 1, :]
+    if len(shape) > 2:
+        offsets = jnp.arange(math.prod(shape[:-2]), dtype=pos.dtype) * (n_in * n_out)
+        pos = pos + offsets.reshape(*shape[:-2], 1)
+    return pos.reshape(-1)
+
+
+def _flat_ok(kernel: jax.Array) -> bool:
+    """Flat positions are used on one device when they fit int32 (else 2-D indices)."""
+    return _one_device(kernel) and kernel.size < 2**31
+
+
+def _bits(x: jax.Array, dtype: Any) -> jax.Array:
+    return jax.lax.bitcast_convert_type(x, dtype)
+
+
+def _flat_switch(
+    kernel: jax.Array, restore: list[Any], merge: list[Any]
+) -> tuple[jax.Array, list[jax.Array]]:
+    """`_switch_one` on the flattened kernel (any stack), 16-bit floats through a uint view."""
+    bits = _bits_dtype(kernel.dtype)
+    view = kernel.reshape(-1) if bits is None else _bits(kernel, bits).reshape(-1)
+    for idx, saved in restore:
+        entries = saved.reshape(-1).astype(kernel.dtype)
+        entries = entries if bits is None else _bits(entries, bits)
+        pos = flat_positions(idx, kernel.shape)
+        view = view.at[pos].set(entries, unique_indices=True)
+    saved_now = []
+    for idx, values, scale in merge:
+        pos = flat_positions(idx, kernel.shape)
+        old = view[pos] if bits is None else _bits(view[pos], kernel.dtype)
+        new = _added(old, values.reshape(-1), scale, kernel.dtype)
+        view = view.at[pos].set(new if bits is None else _bits(new, bits), unique_indices=True)
+        saved_now.append(old.reshape(values.shape))
+    view = view.reshape(kernel.shape)
+    return (view if bits is None else _bits(view, kernel.dtype)), saved_now
+
+
+def _kernel_switch(
+    kernel: jax.Array, restore: list[Any], merge: list[Any], flat: bool
+) -> tuple[jax.Array, list[jax.Array]]:
+    if flat:
+        return _flat_switch(kernel, restore, merge)
+    if kernel.ndim == 2:
+        return _switch_one(kernel, restore, merge, False)
+    # a stacked kernel over several devices: the 2-D pass per slice (no flattening)
+    axes = ([(0, 0)] * len(restore), [(0, 0, None)] * len(merge))
+    return jax.vmap(lambda k, r, m: _switch_one(k, r, m, False), in_axes=(0, *axes))(
+        kernel, restore, merge
+    )
+
+
+def _group_body(
+    kernels: tuple[jax.Array, ...], restores: Any, merges: Any, flat: tuple[bool, ...]
+) -> tuple[list[jax.Array], list[list[jax.Array]]]:
+    out = [_kernel_switch(k, r, m, f) for k, r, m, f in zip(kernels, restores, merges, flat)]
+    return [k for k, _ in out], [s for _, s in out]
+
+
+# One program per group of same-signature kernels (shape, dtype, adapters' sizes), at most
+# `GROUP` kernels each: a model compiles a few small programs and dispatches one call per group
+# (one program over all 210 kernels of a model took ~15 s to compile).
+_group_donated = jax.jit(_group_body, donate_argnums=(0,), static_argnums=(3,))
+_group_copied = jax.jit(_group_body, static_argnums=(3,))
+GROUP = 16
+
+
+def switch_group(
+    kernels: list[jax.Array],
+    restores: Sequence[Any],
+    merges: Sequence[Any],
+    *,
+    donate: bool = True,
+) -> tuple[list[jax.Array], list[list[jax.Array]]]:
+    """One compiled call that switches every kernel of `kernels` (see `switch_kernels`).
+
+    Kernels of one call should share a signature (shape, dtype, adapters' sizes) so that the
+    program is reused; with `donate` they are all updated in place. `kernels` is emptied.
+    """
+    arrays = tuple(kernels)
+    kernels.clear()
+    flat = tuple(_flat_ok(k) for k in arrays)
+    run = _group_donated if donate else _group_copied
+    return run(arrays, list(restores), list(merges), flat)
+
+
+# ----------------------------------------------------------------------------- 16-bit on CPU
+# XLA's CPU scatter has no 16-bit float kernel, and a uint16 (or uint32) view of the kernel is
+# a `bitcast-convert` that XLA CPU materialises as a full copy (twice: in and out), so no XLA
+# program writes a bf16 kernel in place on CPU (see BENCHMARKS.md). On one CPU device the
+# switch is therefore done on the kernel's own buffer: the kernel is first donated to an
+# identity program (so that every computation still reading it has finished and nothing else
+# holds it: a user's reference or NumPy view makes XLA hand back a fresh buffer instead), then
+# its entries are read and written through a NumPy uint16 view, with the same float32 math and
+# rounding as `merge_entries`.
+
+_fence = jax.jit(lambda arrays: arrays, donate_argnums=(0,))
+_HOST_POSITIONS: dict[int, tuple[Any, tuple[int, ...], np.ndarray]] = {}
+
+
+def host_writable(kernel: Any) -> bool:
+    """True when `switch_on_host` handles `kernel`: a concrete 16-bit float array on one CPU."""
+    if not isinstance(kernel, jax.Array) or isinstance(kernel, jax.core.Tracer):
+        return False
+    if _bits_dtype(kernel.dtype) is None or kernel.is_deleted():
+        return False
+    devices = kernel.sharding.device_set
+    return len(devices) == 1 and next(iter(devices)).platform == "cpu"
+
+
+def _host_positions(indices: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """`flat_positions` as a NumPy intp array, cached per indices array (while it lives)."""
+    key = id(indices)
+    hit = _HOST_POSITIONS.get(key)
+    if hit is not None and hit[0]() is indices and hit[1] == shape:
+        return hit[2]
+    idx = np.asarray(indices).astype(np.intp)
+    pos = idx[..., 0, :] * shape[-1] + idx[..., 1, :]
+    if len(shape) > 2:
+        offsets = np.arange(math.prod(shape[:-2]), dtype=np.intp) * (shape[-2] * shape[-1])
+        pos = pos + offsets.reshape(*shape[:-2], 1)
+    pos = pos.reshape(-1)
+    try:
+        ref = weakref.ref(indices, lambda _, key=key: _HOST_POSITIONS.pop(key, None))
+    except TypeError:
+        return pos
+    _HOST_POSITIONS[key] = (ref, shape, pos)
+    return pos
+
+
+def _bits_view(kernel: jax.Array) -> np.ndarray:
+    """A writable flat unsigned view of `kernel`'s own (CPU, row-major) buffer."""
+    bits = np.dtype(_bits_dtype(kernel.dtype))
+    size = kernel.size * bits.itemsize
+    buffer = (ctypes.c_char * size).from_address(kernel.unsafe_buffer_pointer())
+    return np.frombuffer(buffer, bits)
+
+
+def switch_on_host(
+    kernels: list[jax.Array], restores: Sequence[Any], merges: Sequence[Any]
+) -> tuple[list[jax.Array], list[list[jax.Array]]]:
+    """`switch_kernels` for 16-bit kernels on one CPU device, in their own buffers.
+
+    Same contract as `switch_kernels` with donation: every kernel passed is consumed (donated
+    to a no-op program first), the results are the updated kernels and the saved entries.
+    Rounding is `merge_entries`': entries summed in float32 (or wider), rounded once.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from shira_jax import ops
+        >>> idx = jnp.array([[0, 1], [1, 0]], jnp.int32)
+        >>> (k,), ((saved,),) = ops.switch_on_host([jnp.ones((2, 2), jnp.bfloat16)], [[]],
+        ...                                       [[(idx, jnp.array([1.0, 2.0]), 1.0)]])
+        >>> k.astype(float).tolist(), saved.astype(float).tolist()
+        ([[1.0, 2.0], [3.0, 1.0]], [1.0, 1.0])
+    """
+    arrays = _fence(tuple(kernels))
+    kernels.clear()
+    jax.block_until_ready(arrays)
+    saved_all = []
+    for kernel, restore, merge in zip(arrays, restores, merges):
+        view, dtype = _bits_view(kernel), np.dtype(kernel.dtype)
+        for idx, saved in restore:
+            entries = np.asarray(saved).astype(dtype, copy=False).reshape(-1)
+            view[_host_positions(idx, kernel.shape)] = entries.view(view.dtype)
+        now = []
+        for idx, values, scale in merge:
+            pos = _host_positions(idx, kernel.shape)
+            old = view[pos].view(dtype)
+            acc = np.dtype(_acc_dtype(dtype, values.dtype))
+            vals = np.asarray(values).astype(acc, copy=False).reshape(-1)
+            new = (old.astype(acc) + np.asarray(scale, acc) * vals).astype(dtype)
+            view[pos] = new.view(view.dtype)
+            now.append(jnp.asarray(old.reshape(np.shape(values))))
+        saved_all.append(now)
+    return list(arrays), saved_all
+
+
+def _signature(kernel: jax.Array, restore: Any, merge: Any, donate: bool) -> Any:
+    return (
+        kernel.shape, kernel.dtype, donate, getattr(kernel, "sharding", None),
+        tuple((i.shape, s.shape, s.dtype) for i, s in restore),
+        tuple((i.shape, v.shape, v.dtype) for i, v, _ in merge),
+    )
+
+
 def switch_kernels(
     kernels: list[jax.Array],
     restores: Sequence[Sequence[tuple[jax.Array, jax.Array]]],
     merges: Sequence[Sequence[tuple[jax.Array, jax.Array, float | jax.Array]]],
     donate: bool | Sequence[bool] = True,
 ) -> tuple[list[jax.Array], list[list[jax.Array]]]:
-    """Switch many kernels, each in one compiled pass that DONATES it (updated in place).
+    """Switch many kernels in place: compiled, donated passes over same-signature groups.
 
-    For kernel `i`, first every `(indices, saved)` of `restores[i]` is written back (in the
-    order given: pass the last merged adapter first), then every `(indices, values, scale)` of
-    `merges[i]` is merged. Returns the new kernels and, per kernel, the entries each merge
-    overwrote. A donated input kernel is invalid afterwards, so the caller must hold no other
-    reference it still wants to read; `donate` may be False, or one flag per kernel. The list
-    `kernels` is emptied, so that it holds no reference during the calls.
+    For kernel `i` (`[in, out]` or stacked `[*stack, in, out]`, with indices
+    `[*stack, 2, nnz]`, saved entries and values `[*stack, nnz]`), first every
+    `(indices, saved)` of `restores[i]` is written back (in the order given: pass the last
+    merged adapter first), then every `(indices, values, scale)` of `merges[i]` is merged.
+    Returns the new kernels and, per kernel, the entries each merge overwrote. Kernels of the
+    same signature run in one program call (`switch_group`, at most `GROUP` per call); 16-bit
+    kernels on one CPU device are written in their own buffer (`switch_on_host`). A donated
+    kernel is invalid afterwards, so the caller must hold no other reference it still wants to
+    read; `donate` may be False, or one flag per kernel. The list `kernels` is emptied.
 
     Example:
         >>> import jax.numpy as jnp
@@ -299,13 +543,29 @@ def switch_kernels(
     restores = [[(i, s) for i, s in r] for r in restores]
     merges = [[(i, v, _scale_array(s)) for i, v, s in m] for m in merges]
     flags = [bool(donate)] * len(restores) if isinstance(donate, bool) else list(donate)
-    out = []
-    for restore, merge, flag in zip(restores, merges, flags):
-        run = _switch_donated if flag else _switch_copied
-        kernel = kernels.pop(0)
-        out.append(run(kernel, restore, merge, _one_device(kernel)))
-        del kernel
-    return [k for k, _ in out], [s for _, s in out]
+    arrays = list(kernels)
+    kernels.clear()
+    groups: dict[Any, list[int]] = {}
+    for i, (k, r, m, flag) in enumerate(zip(arrays, restores, merges, flags)):
+        key = "host" if flag and host_writable(k) else _signature(k, r, m, flag)
+        groups.setdefault(key, []).append(i)
+    out: list[Any] = [None] * len(arrays)
+    saved: list[Any] = [None] * len(arrays)
+    for key, members in groups.items():
+        size = len(members) if key == "host" else GROUP
+        for start in range(0, len(members), size):
+            chunk = members[start : start + size]
+            batch = [arrays[i] for i in chunk]
+            for i in chunk:
+                arrays[i] = None
+            r, m = [restores[i] for i in chunk], [merges[i] for i in chunk]
+            if key == "host":
+                new, entries = switch_on_host(batch, r, m)
+            else:
+                new, entries = switch_group(batch, r, m, donate=key[2])
+            for i, k, e in zip(chunk, new, entries):
+                out[i], saved[i] = k, e
+    return out, saved
 
 
 # ----------------------------------------------------------------------------- training
