@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 MaskType = Literal["random", "struct", "weight_magnitude", "gradient", "snip", "custom"]
@@ -131,8 +131,13 @@ class ShiraConfig:
             raise ValueError(f'topk_scope must be "layer", got {self.topk_scope!r}.')
         if self.struct_stride is not None and self.struct_stride <= 0:
             raise ValueError(f"struct_stride must be positive, got {self.struct_stride}.")
-        if self.random_seed is not None and not isinstance(self.random_seed, int):
-            raise TypeError(f"random_seed must be an int or None, got {self.random_seed!r}.")
+        seed = self.random_seed
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"random_seed must be an int or None, got {seed!r}.")
+        if seed is not None and not -(2**63) <= seed < 2**64:  # torch.Generator's range
+            raise ValueError(
+                f"random_seed must be in [-2**63, 2**64) (torch's seed range), got {seed}."
+            )
         if isinstance(self.target_modules, str) and self.target_modules != ALL_LINEAR:
             try:
                 re.compile(self.target_modules)
@@ -233,10 +238,22 @@ def resolve_targets(
     *,
     model_type: str | None = None,
     output_layer_names: Sequence[str] = ("lm_head",),
+    unsupported: Mapping[str, str] | None = None,
 ) -> list[str]:
     """The dotted paths among `linear_paths` that `config.target_modules` selects.
 
     Raises a ValueError naming the target and listing candidates when nothing matches.
+    `unsupported` maps the paths of the other modules (that SHiRA cannot adapt) to their type
+    names: as in PEFT, a regex or list that selects one of them is a TypeError (only
+    `"all-linear"` picks the linear layers out of everything).
+
+    >>> cfg = ShiraConfig(target_modules=r".*(proj|norm)")
+    >>> resolve_targets(cfg, ["attn.q_proj"], unsupported={"attn.norm": "RMSNorm"})
+    Traceback (most recent call last):
+    ...
+    TypeError: Target module attn.norm (RMSNorm) is selected by target_modules '.*(proj|norm)' \
+but SHiRA adapts nnx.Linear layers only (PEFT raises the same for modules other than \
+torch.nn.Linear). Narrow target_modules (or use "all-linear").
     """
     paths = list(linear_paths)
     targets = config.target_modules
@@ -252,6 +269,15 @@ def resolve_targets(
         chosen = [p for p in paths if p.rsplit(".", 1)[-1] not in output_layer_names]
     else:
         chosen = [p for p in paths if matches_target(p, targets)]
+        bad = [p for p in unsupported or () if matches_target(p, targets)]
+        if bad:
+            more = f" ({len(bad)} such modules: {_preview(bad)})" if len(bad) > 1 else ""
+            raise TypeError(
+                f"Target module {bad[0]} ({unsupported[bad[0]]}) is selected by target_modules "
+                f"{targets!r} but SHiRA adapts nnx.Linear layers only (PEFT raises the same for "
+                f"modules other than torch.nn.Linear){more}. Narrow target_modules (or use "
+                '"all-linear").'
+            )
     if not chosen:
         raise ValueError(
             f"Target modules {targets!r} matched no nnx.Linear layer of the model. "

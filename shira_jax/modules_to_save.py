@@ -6,7 +6,7 @@ The original module stays untouched; each adapter gets its own copy whose params
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from flax import nnx
@@ -23,11 +23,16 @@ class ShiraModuleParam(ShiraParam):
 class ModulesToSave(nnx.Module):
     """Runs the active adapter's copy of a module, or the original one."""
 
-    def __init__(self, original_module: nnx.Module) -> None:
+    def __init__(self, original_module: nnx.Module, *, path: str = "") -> None:
         self.original_module = original_module
         self.modules_to_save = nnx.Dict()
         self.active_adapters: tuple[str, ...] = ()
         self.disabled = False
+        self.path = path
+
+    def owners(self, adapters: Sequence[str]) -> list[str]:
+        """The adapters among `adapters` that have their own copy of this module."""
+        return [a for a in adapters if a in self.modules_to_save]
 
     def add_adapter(self, adapter: str, active: bool) -> None:
         copy = nnx.clone(self.original_module)
@@ -59,6 +64,20 @@ class ModulesToSave(nnx.Module):
         if name.startswith("_") or name in ("original_module", "modules_to_save"):
             raise AttributeError(name)
         return getattr(self.active_module(), name)
+
+
+def check_one_copy(wrappers: Iterable[ModulesToSave], adapters: Sequence[str]) -> None:
+    """PEFT's rule: of the adapters to activate together, at most one may have its own copy of
+    a `modules_to_save` module (two trained copies cannot both run). Raises ValueError."""
+    for wrapper in wrappers:
+        owners = wrapper.owners(adapters)
+        if len(owners) > 1:
+            where = wrapper.path or type(wrapper.original_module).__name__
+            raise ValueError(
+                f"Adapters {owners} each have their own copy of the modules_to_save module "
+                f"{where}; only one of them can be active at a time (PEFT raises the same "
+                "ValueError). Activate them one at a time."
+            )
 
 
 def _variable_slots(module: nnx.Module) -> Iterator[tuple[Any, str, nnx.Variable]]:
@@ -110,7 +129,7 @@ def wrap_modules_to_save(
     """Give `adapter` a trainable copy of the module at each of `paths`."""
     for path in paths:
         module = get_submodule(model, path)
-        wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
+        wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module, path=path)
         wrapper.add_adapter(adapter, active=adapter in active)
         if wrapper is not module:
             wrapper.set_adapter(tuple(active))
