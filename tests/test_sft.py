@@ -197,6 +197,7 @@ def test_bad_data_is_one_line_naming_file_line_and_field(
     cfg = finetune.FinetuneConfig(
         model=str(tiny["model"]),
         data=str(path),
+        r=8,
         seq_len=SEQ_LEN,
         out=str(tmp_path / "out"),
         dtype="float32",
@@ -226,6 +227,7 @@ def test_too_long_skip_or_truncate_says_how_many(tiny, tmp_path, monkeypatch, po
     cfg = finetune.FinetuneConfig(
         model=str(tiny["model"]),
         data=str(path),
+        r=8,
         seq_len=SEQ_LEN,
         out=str(tmp_path / "out"),
         too_long=policy,
