@@ -8,6 +8,7 @@ Example:
 """
 
 from shira_jax import functional, masks, ops, sharding, stacked, state
+from shira_jax.bank import AdapterBank
 from shira_jax.checkpoint import load_adapter, save_adapter
 from shira_jax.config import ShiraConfig, matches_target
 from shira_jax.errors import AdapterLoadError
@@ -41,6 +42,7 @@ from shira_jax.state import AdapterState, LayerState
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterBank",
     "AdapterLoadError",
     "AdapterState",
     "LayerState",

@@ -44,7 +44,10 @@ class ShiraIndices(nnx.Variable):
 
 
 class ShiraMergeBackup(nnx.Variable):
-    """Kernel entries a merge overwrote, so that unmerge restores them bit for bit."""
+    """Kernel entries a merge overwrote, so that unmerge restores them bit for bit.
+
+    `merge_backup[name]` is meaningful while `name` is in `merged_adapters`; the in-place
+    engine keeps an unmerged adapter's entry (and overwrites it at its next merge)."""
 
 
 class ShiraDense(nnx.Module):
@@ -158,6 +161,8 @@ class ShiraDense(nnx.Module):
             )
         del self.shira_weight[adapter]
         del self.shira_indices[adapter]
+        if adapter in self.merge_backup:  # a backup kept from an earlier merge
+            del self.merge_backup[adapter]
         self.r = {k: v for k, v in self.r.items() if k != adapter}
         self.scaling = {k: v for k, v in self.scaling.items() if k != adapter}
         self.active_adapters = tuple(a for a in self.active_adapters if a != adapter)
@@ -454,25 +459,20 @@ def _fast(layer: ShiraDense) -> bool:
     return _concrete(value) and value.ndim in (2, 3)
 
 
-def _commit(plan: _SwitchPlan, kernel: jax.Array, entries: Sequence[jax.Array]) -> None:
-    """Write one plan's results into its layer (raw setters: no per-layer NNX bookkeeping)."""
+def _commit(plan: _SwitchPlan, entries: Sequence[jax.Array]) -> None:
+    """Record one plan's backups and merge order (raw setters: no NNX bookkeeping).
+
+    Backups of adapters restored here stay in `merge_backup` (ignored until the adapter is
+    merged again, then overwritten in place): adding or removing an `nnx.Dict` entry costs
+    ~150 us of NNX attribute checks, which a model-wide switch would pay per layer.
+    """
     layer = plan.layer
-    variable = layer.base_layer.kernel
-    if isinstance(variable.get_raw_value(), jax.Array):
-        variable.set_raw_value(kernel)
-    else:
-        variable.set_value(kernel)
     backups = layer.merge_backup
-    spare = [backups[a] for a in plan.undo]  # reuse their Variables (cheaper, keeps metadata)
-    for a in plan.undo:
-        del backups[a]
     for a, e in zip(plan.redo, entries):
-        if spare:
-            backup = spare.pop()
-            backup.set_raw_value(e)
+        if a in backups:
+            backups[a].set_raw_value(e)
         else:
-            backup = ShiraMergeBackup(e)
-        backups[a] = backup
+            backups[a] = ShiraMergeBackup(e)
     if layer.merged_adapters != plan.order:
         _set_static(layer, "merged_adapters", plan.order)
 
@@ -513,66 +513,109 @@ _sharded_donated = jax.jit(_sharded_body, static_argnames=("mesh", "spec"), dona
 _sharded_copied = jax.jit(_sharded_body, static_argnames=("mesh", "spec"))
 
 
-def _scale(scale: Any) -> jax.Array:
-    return jnp.asarray(scale, jnp.float32)
+def _scale(scale: Any) -> Any:
+    # a NumPy scalar: jit passes it to every device cheaply (a jnp scalar lives on one device)
+    return np.float32(scale) if isinstance(scale, (int, float)) else scale
 
 
-def _switch_sharded(kernel: jax.Array, plan: _SwitchPlan, layout: Any, donate: bool) -> Any:
-    """One layer's switch on a kernel split over a mesh: every device writes its own block."""
+def _switch_sharded(
+    kernel: jax.Array, restores: Any, merges: Any, layout: Any, donate: bool
+) -> Any:
+    """One kernel's switch when it is split over a mesh: every device writes its own block."""
     mesh, spec = layout
     spec = tuple(e if e is None or isinstance(e, str) else tuple(e) for e in spec)
-    merges = [(i, v, _scale(s)) for i, v, s in plan.merges]
+    merges = [(i, v, _scale(s)) for i, v, s in merges]
     run = _sharded_donated if donate else _sharded_copied
-    return run(kernel, plan.restores, merges, mesh=mesh, spec=spec)
+    return run(kernel, restores, merges, mesh=mesh, spec=spec)
 
 
-def _run_switch_plans(plans: list[_SwitchPlan], *, check_finite: bool = False) -> None:
-    """Execute the plans in place and commit them: same-shaped kernels in one compiled,
-    donated call per group (`ops.switch_kernels`), kernels split over a mesh shard by shard.
-    With `check_finite`, refuse (raise, nothing changed) on non-finite merged entries."""
-    plans = [p for p in plans if not p.empty]
-    if not plans:
-        return
-    variables = [p.layer.base_layer.kernel for p in plans]
+def update_kernels(
+    variables: Sequence[nnx.Variable],
+    restores: Sequence[Sequence[tuple[Any, Any]]],
+    merges: Sequence[Sequence[tuple[Any, Any, Any]]],
+    *,
+    check_finite: bool = False,
+    labels: Sequence[str] | None = None,
+) -> list[list[jax.Array]]:
+    """Restore then merge entries of many kernel Variables in place; returns, per kernel, the
+    entries each merge overwrote (what its unmerge writes back).
+
+    Same-shaped kernels run in one compiled, donated call per group (`ops.switch_kernels`;
+    16-bit kernels on one CPU in their own buffer), kernels split over a mesh shard by shard
+    (`shard_map`, nothing gathered). A kernel is donated only when nothing but its Variable
+    holds it. With `check_finite` nothing is donated, and non-finite merged entries raise
+    (naming `labels`) with every Variable unchanged.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from shira_jax import layer
+        >>> w = nnx.Param(jnp.zeros((2, 2)))
+        >>> idx = jnp.array([[0, 1], [1, 0]], jnp.int32)
+        >>> [[saved]] = layer.update_kernels([w], [[]], [[(idx, jnp.array([1.0, 2.0]), 1.0)]])
+        >>> w[...].tolist(), saved.tolist()
+        ([[0.0, 1.0], [2.0, 0.0]], [0.0, 0.0])
+    """
     values = [v.get_raw_value() for v in variables]
     counts: dict[int, int] = {}
     for i in range(len(values)):  # (no loop name bound to a kernel: it would count as a holder)
         counts[id(values[i])] = counts.get(id(values[i]), 0) + 1
-    # donate (update in place) only kernels nobody else can see; never when refusing is possible
     donate = [
         not check_finite and counts[id(values[i])] == 1 and _sole_owner(values, i)
         for i in range(len(values))
     ]
-    layouts = [kernels.kernel_layout(var, v) if v.ndim == 2 else None
-               for var, v in zip(variables, values)]
-    plain = [i for i, layout in enumerate(layouts) if layout is None]
-    results: list[Any] = [None] * len(plans)
+    layouts = [
+        kernels.kernel_layout(var, v) if v.ndim == 2 else None
+        for var, v in zip(variables, values)
+    ]
+    befores = [getattr(v, "sharding", None) for v in values]
+    results: list[Any] = [None] * len(values)
     for i, layout in enumerate(layouts):
         if layout is not None:
             value, values[i] = values[i], None
-            results[i] = _switch_sharded(value, plans[i], layout, donate[i])
+            results[i] = _switch_sharded(value, restores[i], merges[i], layout, donate[i])
             del value
+    plain = [i for i, layout in enumerate(layouts) if layout is None]
     batch = [values[i] for i in plain]
     for i in plain:
         values[i] = None
-    new, saved = ops.switch_kernels(batch, [plans[i].restores for i in plain],
-                                    [plans[i].merges for i in plain], [donate[i] for i in plain])
+    new, saved = ops.switch_kernels(
+        batch, [restores[i] for i in plain], [merges[i] for i in plain],
+        [donate[i] for i in plain],
+    )
     for i, k, e in zip(plain, new, saved):
         results[i] = (k, e)
     if check_finite:  # only merged entries can have become non-finite
-        _check_finite(plans, results)
-    for p, var, (kernel, entries) in zip(plans, variables, results):
-        before = getattr(var.get_raw_value(), "sharding", None)
+        _check_finite(labels or ["?"] * len(results), merges, results)
+    for var, before, (kernel, _) in zip(variables, befores, results):
         if before is not None and getattr(kernel, "sharding", None) != before:
             kernel = jax.device_put(kernel, before)
-        _commit(p, kernel, entries)
+        if isinstance(var.get_raw_value(), jax.Array):
+            var.set_raw_value(kernel)
+        else:
+            var.set_value(kernel)
+    return [e for _, e in results]
 
 
-def _check_finite(plans: Sequence[_SwitchPlan], results: Sequence[Any]) -> None:
+def _run_switch_plans(plans: list[_SwitchPlan], *, check_finite: bool = False) -> None:
+    """Execute the plans in place (`update_kernels`) and commit their backups and order."""
+    plans = [p for p in plans if not p.empty]
+    if not plans:
+        return
+    saved = update_kernels(
+        [p.layer.base_layer.kernel for p in plans], [p.restores for p in plans],
+        [p.merges for p in plans], check_finite=check_finite,
+        labels=[p.layer.layer_name or "?" for p in plans],
+    )
+    for p, entries in zip(plans, saved):
+        _commit(p, entries)
+
+
+def _check_finite(labels: Sequence[str], merges: Any, results: Sequence[Any]) -> None:
     bad = [
-        p.layer.layer_name or "?"
-        for p, (_, entries) in zip(plans, results)
-        if not all(bool(jnp.isfinite(_merged(e, m)).all()) for e, m in zip(entries, p.merges))
+        label
+        for label, merge, (_, entries) in zip(labels, merges, results)
+        if not all(bool(jnp.isfinite(_merged(e, m)).all()) for e, m in zip(entries, merge))
     ]
     if bad:
         raise ValueError(

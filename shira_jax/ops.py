@@ -500,7 +500,7 @@ def switch_on_host(
             vals = np.asarray(values).astype(acc, copy=False).reshape(-1)
             new = (old.astype(acc) + np.asarray(scale, acc) * vals).astype(dtype)
             view[pos] = new.view(view.dtype)
-            now.append(jnp.asarray(old.reshape(np.shape(values))))
+            now.append(jax.device_put(old.reshape(np.shape(values))))
         saved_all.append(now)
     return list(arrays), saved_all
 
