@@ -11,7 +11,7 @@ training (chance: one over the number of plays).
 Example (the examples alone, no model):
     >>> from shira_jax.app.demo_sft import play_examples
     >>> train, held = play_examples(per_play_train=3, per_play_eval=1, seed=0)
-    >>> len(train), len(held), held[0]["messages"][1]["content"] in PLAYS
+    >>> len(train), len(held), held[0]["messages"][1]["content"] in PLAYS.values()
     (12, 4, True)
 """
 
