@@ -31,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -45,6 +46,8 @@ from shira_jax.model import shira_layers
 from shira_jax.util import get_submodule
 
 __all__ = ["AdapterBank"]
+
+_TOKENS = itertools.count()
 
 
 class AdapterBank:
@@ -71,6 +74,7 @@ class AdapterBank:
         self.times: list[float] = []
         self._adapters: dict[str, dict[str, tuple[Any, Any, float]]] = {}
         self._saved: dict[str, Any] = {}
+        self._token = next(_TOKENS)  # the engine's memo of written entries is per bank
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -84,7 +88,7 @@ class AdapterBank:
         return kernel
 
     def _store(self, array: Any, dtype: Any) -> Any:
-        array = np.asarray(array, dtype)
+        array = np.array(array, dtype)  # a copy: the bank never aliases the caller's memory
         return array if self.storage == "host" else jax.device_put(array)
 
     def add(
@@ -157,7 +161,8 @@ class AdapterBank:
         variables = [self._kernel(p) for p in paths]
         restores = [[(old[p][0], self._saved[p])] if p in old else [] for p in paths]
         merges = [[new[p]] if p in new else [] for p in paths]
-        saved = update_kernels(variables, restores, merges)
+        tags = [[(name, ())] if p in new else [] for p in paths]
+        saved = update_kernels(variables, restores, merges, tags=tags, owner=self._token)
         self._saved = {p: s[0] for p, s in zip(paths, saved) if s}
         self.current = name
         jax.block_until_ready([v.get_raw_value() for v in variables])

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -407,7 +408,7 @@ class ShiraDense(nnx.Module):
 class _SwitchPlan:
     """One layer's part of a switch: restore `undo`, merge `redo`, end with `order` merged."""
 
-    __slots__ = ("layer", "undo", "redo", "order", "restores", "merges")
+    __slots__ = ("layer", "undo", "redo", "order", "restores", "merges", "tags")
 
     def __init__(self, layer, undo, redo, order, restores, merges) -> None:
         self.layer, self.undo, self.redo, self.order = layer, undo, redo, order
@@ -433,7 +434,10 @@ def _make_plan(
         (_raw(layer.shira_indices[a]), _raw(layer.shira_weight[a]), layer.scaling[a])
         for a in redo
     ]
-    return _SwitchPlan(layer, tuple(undo), tuple(redo), order, restores, merges)
+    plan = _SwitchPlan(layer, tuple(undo), tuple(redo), order, restores, merges)
+    first = len(order) - len(redo)  # redo is the tail of order: what lies below each merge
+    plan.tags = [(a, order[: first + j]) for j, a in enumerate(redo)]
+    return plan
 
 
 def _merge_plan(layer: ShiraDense, names: Sequence[str] | None) -> _SwitchPlan:
@@ -536,6 +540,8 @@ def update_kernels(
     *,
     check_finite: bool = False,
     labels: Sequence[str] | None = None,
+    tags: Sequence[Sequence[Any]] | None = None,
+    owner: Any = "layers",
 ) -> list[list[jax.Array]]:
     """Restore then merge entries of many kernel Variables in place; returns, per kernel, the
     entries each merge overwrote (what its unmerge writes back).
@@ -545,6 +551,11 @@ def update_kernels(
     (`shard_map`, nothing gathered). A kernel is donated only when nothing but its Variable
     holds it. With `check_finite` nothing is donated, and non-finite merged entries raise
     (naming `labels`) with every Variable unchanged.
+
+    `tags` (per kernel, per merge: a hashable naming the adapter and what lies below it)
+    let a merge reuse the entries it read and wrote last time, when only this engine (for
+    the same `owner`) has written the kernel since: the merge is then a pure write, as cheap
+    as a restore (`_reuse`).
 
     Example:
         >>> import jax.numpy as jnp
@@ -568,12 +579,49 @@ def update_kernels(
         kernels.kernel_layout(var, v) if v.ndim == 2 else None
         for var, v in zip(variables, values)
     ]
+    memos = [_memo(var, values[i], owner) for i, var in enumerate(variables)]
+    reuse = [
+        _reuse(memo, merges[i], tags[i]) if tags and not check_finite and layouts[i] is None
+        else None
+        for i, memo in enumerate(memos)
+    ]
     befores = [getattr(v, "sharding", None) for v in values]
+    results = _execute(values, restores, merges, reuse, layouts, donate)
+    if check_finite:  # only merged entries can have become non-finite
+        _check_finite(labels or ["?"] * len(results), merges, results)
+    saved = []
+    for i, (var, before, (kernel, entries)) in enumerate(zip(variables, befores, results)):
+        if before is not None and getattr(kernel, "sharding", None) != before:
+            kernel = jax.device_put(kernel, before)
+        memos[i].track(var, kernel)  # before the old array is released
+        if isinstance(var.get_raw_value(), jax.Array):
+            var.set_raw_value(kernel)
+        else:
+            var.set_value(kernel)
+        if reuse[i]:
+            saved.append([old for old, _ in reuse[i]])
+            continue
+        saved.append([old for old, _ in entries])
+        for merge, tag, (old, new) in zip(merges[i], tags[i] if tags else (), entries):
+            if new is not None:
+                memos[i].entries[tag] = (*merge, old, new)
+    return saved
+
+
+def _execute(values, restores, merges, reuse, layouts, donate):  # noqa: ANN001, ANN202
+    """Run the kernels' restores and merges (reused merges as plain writes); empties
+    `values` so that no reference of this frame keeps a donated kernel alive."""
+    restores = [
+        [*r, *((m[0], new) for m, (_, new) in zip(merge, hit))] if hit else r
+        for r, merge, hit in zip(restores, merges, reuse)
+    ]
+    merges = [[] if hit else m for m, hit in zip(merges, reuse)]
     results: list[Any] = [None] * len(values)
     for i, layout in enumerate(layouts):
         if layout is not None:
             value, values[i] = values[i], None
-            results[i] = _switch_sharded(value, restores[i], merges[i], layout, donate[i])
+            kernel, saved = _switch_sharded(value, restores[i], merges[i], layout, donate[i])
+            results[i] = (kernel, [(s, None) for s in saved])
             del value
     plain = [i for i, layout in enumerate(layouts) if layout is None]
     batch = [values[i] for i in plain]
@@ -581,20 +629,71 @@ def update_kernels(
         values[i] = None
     new, saved = ops.switch_kernels(
         batch, [restores[i] for i in plain], [merges[i] for i in plain],
-        [donate[i] for i in plain],
+        [donate[i] for i in plain], written=True,
     )
     for i, k, e in zip(plain, new, saved):
         results[i] = (k, e)
-    if check_finite:  # only merged entries can have become non-finite
-        _check_finite(labels or ["?"] * len(results), merges, results)
-    for var, before, (kernel, _) in zip(variables, befores, results):
-        if before is not None and getattr(kernel, "sharding", None) != before:
-            kernel = jax.device_put(kernel, before)
-        if isinstance(var.get_raw_value(), jax.Array):
-            var.set_raw_value(kernel)
-        else:
-            var.set_value(kernel)
-    return [e for _, e in results]
+    return results
+
+
+class _Memo:
+    """What the engine last did to one kernel: the array it left there, its owner, and per
+    merge tag `(indices, values, scale, overwritten, written)`."""
+
+    __slots__ = ("array", "owner", "entries", "__weakref__")
+
+    def __init__(self, owner: Any) -> None:
+        self.array: Any = None
+        self.owner = owner
+        self.entries: dict[Any, tuple[Any, ...]] = {}
+
+    def track(self, variable: nnx.Variable, kernel: Any) -> None:
+        """Remember `kernel` as the array left in `variable`; the memo goes with it."""
+        key, me = id(variable), weakref.ref(self)
+
+        def gone(ref: Any) -> None:  # the kernel died: drop the memo unless it moved on
+            memo = me()
+            if memo is not None and memo.array is ref and _MEMOS.get(key) is memo:
+                del _MEMOS[key]
+
+        try:
+            self.array = weakref.ref(kernel, gone)
+        except TypeError:
+            self.array = None
+
+
+# Keyed by id(kernel Variable) (Variables take no weak references); an entry is used only
+# while the Variable still holds the very array recorded in it, so a reused id is harmless.
+_MEMOS: dict[int, _Memo] = {}
+
+
+def _memo(variable: nnx.Variable, value: Any, owner: Any) -> _Memo:
+    """The kernel's memo, emptied unless the kernel is still the array the engine left there
+    for the same owner (any other write, e.g. new base weights, invalidates it)."""
+    memo = _MEMOS.get(id(variable))
+    if memo is None:
+        memo = _MEMOS[id(variable)] = _Memo(owner)
+    if memo.owner != owner or memo.array is None or memo.array() is not value:
+        memo.entries.clear()
+        memo.owner = owner
+    return memo
+
+
+def _reuse(memo: _Memo, merge: Sequence[Any], tags: Sequence[Any]) -> list[Any] | None:
+    """`(overwritten, written)` per merge when every one is memoised for the same indices,
+    values (the same array objects) and scale, else None (the merge reads the kernel).
+
+    A tag names the adapter and the adapters merged below it; with the kernel unchanged but
+    by this engine, the entries under an adapter are then the ones it saw last time."""
+    if not merge or not tags:
+        return None
+    out = []
+    for (idx, vals, scale), tag in zip(merge, tags):
+        hit = memo.entries.get(tag)
+        if hit is None or hit[0] is not idx or hit[1] is not vals or hit[2] != scale:
+            return None
+        out.append(hit[3:])
+    return out
 
 
 def _run_switch_plans(plans: list[_SwitchPlan], *, check_finite: bool = False) -> None:
@@ -605,7 +704,7 @@ def _run_switch_plans(plans: list[_SwitchPlan], *, check_finite: bool = False) -
     saved = update_kernels(
         [p.layer.base_layer.kernel for p in plans], [p.restores for p in plans],
         [p.merges for p in plans], check_finite=check_finite,
-        labels=[p.layer.layer_name or "?" for p in plans],
+        labels=[p.layer.layer_name or "?" for p in plans], tags=[p.tags for p in plans],
     )
     for p, entries in zip(plans, saved):
         _commit(p, entries)
@@ -615,7 +714,7 @@ def _check_finite(labels: Sequence[str], merges: Any, results: Sequence[Any]) ->
     bad = [
         label
         for label, merge, (_, entries) in zip(labels, merges, results)
-        if not all(bool(jnp.isfinite(_merged(e, m)).all()) for e, m in zip(entries, merge))
+        if not all(bool(jnp.isfinite(_merged(e, m)).all()) for (e, _), m in zip(entries, merge))
     ]
     if bad:
         raise ValueError(

@@ -360,7 +360,7 @@ def _flat_switch(
         old = view[pos] if bits is None else _bits(view[pos], kernel.dtype)
         new = _added(old, values.reshape(-1), scale, kernel.dtype)
         view = view.at[pos].set(new if bits is None else _bits(new, bits), unique_indices=True)
-        saved_now.append(old.reshape(values.shape))
+        saved_now.append((old.reshape(values.shape), new.reshape(values.shape)))
     view = view.reshape(kernel.shape)
     return (view if bits is None else _bits(view, kernel.dtype)), saved_now
 
@@ -371,12 +371,13 @@ def _kernel_switch(
     if flat:
         return _flat_switch(kernel, restore, merge)
     if kernel.ndim == 2:
-        return _switch_one(kernel, restore, merge, False)
-    # a stacked kernel over several devices: the 2-D pass per slice (no flattening)
-    axes = ([(0, 0)] * len(restore), [(0, 0, None)] * len(merge))
-    return jax.vmap(lambda k, r, m: _switch_one(k, r, m, False), in_axes=(0, *axes))(
-        kernel, restore, merge
-    )
+        kernel, saved = _switch_one(kernel, restore, merge, False)
+    else:  # a stacked kernel over several devices: the 2-D pass per slice (no flattening)
+        axes = ([(0, 0)] * len(restore), [(0, 0, None)] * len(merge))
+        kernel, saved = jax.vmap(
+            lambda k, r, m: _switch_one(k, r, m, False), in_axes=(0, *axes)
+        )(kernel, restore, merge)
+    return kernel, [(s, None) for s in saved]  # (the written entries are not kept here)
 
 
 def _group_body(
@@ -400,7 +401,8 @@ def switch_group(
     merges: Sequence[Any],
     *,
     donate: bool = True,
-) -> tuple[list[jax.Array], list[list[jax.Array]]]:
+    written: bool = False,
+) -> tuple[list[jax.Array], list[list[Any]]]:
     """One compiled call that switches every kernel of `kernels` (see `switch_kernels`).
 
     Kernels of one call should share a signature (shape, dtype, adapters' sizes) so that the
@@ -410,7 +412,8 @@ def switch_group(
     kernels.clear()
     flat = tuple(_flat_ok(k) for k in arrays)
     run = _group_donated if donate else _group_copied
-    return run(arrays, list(restores), list(merges), flat)
+    out, saved = run(arrays, list(restores), list(merges), flat)
+    return out, saved if written else [[old for old, _ in s] for s in saved]
 
 
 # ----------------------------------------------------------------------------- 16-bit on CPU
@@ -466,8 +469,12 @@ def _bits_view(kernel: jax.Array) -> np.ndarray:
 
 
 def switch_on_host(
-    kernels: list[jax.Array], restores: Sequence[Any], merges: Sequence[Any]
-) -> tuple[list[jax.Array], list[list[jax.Array]]]:
+    kernels: list[jax.Array],
+    restores: Sequence[Any],
+    merges: Sequence[Any],
+    *,
+    written: bool = False,
+) -> tuple[list[jax.Array], list[list[Any]]]:
     """`switch_kernels` for 16-bit kernels on one CPU device, in their own buffers.
 
     Same contract as `switch_kernels` with donation: every kernel passed is consumed (donated
@@ -500,7 +507,9 @@ def switch_on_host(
             vals = np.asarray(values).astype(acc, copy=False).reshape(-1)
             new = (old.astype(acc) + np.asarray(scale, acc) * vals).astype(dtype)
             view[pos] = new.view(view.dtype)
-            now.append(jax.device_put(old.reshape(np.shape(values))))
+            shape = np.shape(values)
+            old = jax.device_put(old.reshape(shape))
+            now.append((old, jax.device_put(new.reshape(shape))) if written else old)
         saved_all.append(now)
     return list(arrays), saved_all
 
@@ -518,7 +527,9 @@ def switch_kernels(
     restores: Sequence[Sequence[tuple[jax.Array, jax.Array]]],
     merges: Sequence[Sequence[tuple[jax.Array, jax.Array, float | jax.Array]]],
     donate: bool | Sequence[bool] = True,
-) -> tuple[list[jax.Array], list[list[jax.Array]]]:
+    *,
+    written: bool = False,
+) -> tuple[list[jax.Array], list[list[Any]]]:
     """Switch many kernels in place: compiled, donated passes over same-signature groups.
 
     For kernel `i` (`[in, out]` or stacked `[*stack, in, out]`, with indices
@@ -529,7 +540,9 @@ def switch_kernels(
     same signature run in one program call (`switch_group`, at most `GROUP` per call); 16-bit
     kernels on one CPU device are written in their own buffer (`switch_on_host`). A donated
     kernel is invalid afterwards, so the caller must hold no other reference it still wants to
-    read; `donate` may be False, or one flag per kernel. The list `kernels` is emptied.
+    read; `donate` may be False, or one flag per kernel. The list `kernels` is emptied. With
+    `written`, each saved entry is a pair `(overwritten, written)`: the merged entries too
+    (`written` is None where a kernel spans several devices).
 
     Example:
         >>> import jax.numpy as jnp
@@ -560,9 +573,9 @@ def switch_kernels(
                 arrays[i] = None
             r, m = [restores[i] for i in chunk], [merges[i] for i in chunk]
             if key == "host":
-                new, entries = switch_on_host(batch, r, m)
+                new, entries = switch_on_host(batch, r, m, written=written)
             else:
-                new, entries = switch_group(batch, r, m, donate=key[2])
+                new, entries = switch_group(batch, r, m, donate=key[2], written=written)
             for i, k, e in zip(chunk, new, entries):
                 out[i], saved[i] = k, e
     return out, saved

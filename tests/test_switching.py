@@ -98,6 +98,27 @@ def test_set_adapter_and_disable_adapter_on_merged_model():
     assert cases.same_bits(cases.kernels(model), base)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_new_base_weights_are_never_merged_with_remembered_entries(dtype):
+    """A merge reuses the entries it wrote last time only while the kernel is the array the
+    engine left there: new base weights (any write from outside) are read afresh."""
+    model = cases.build("plain", cases.DTYPES[dtype])
+    sj.set_adapter(model, "a")
+    sj.merge(model)
+    sj.switch_adapter(model, "a", "b")
+    sj.switch_adapter(model, "b", "a")  # "a" merged from memory: a pure write
+    sj.unmerge(model)
+    for _, layer in sj.shira_layers(model):
+        layer.base_layer.kernel[...] = layer.base_layer.kernel[...] * 2 + 1
+    base = cases.kernels(model)
+    sj.merge(model)
+    assert cases.same_bits(cases.kernels(model), cases.expected(model, base, "a"))
+    sj.switch_adapter(model, "a", "b")
+    assert cases.same_bits(cases.kernels(model), cases.expected(model, base, "b"))
+    sj.unmerge(model)
+    assert cases.same_bits(cases.kernels(model), base)
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_host_writes_round_like_the_compiled_merge(dtype):
     """The 16-bit in-buffer path and the compiled path give the same bits (scale not a power
