@@ -343,6 +343,17 @@ summed over devices, exact). The per-layer Python work reads raw Variable values
 backup Variables between merges and re-types values by class swap, instead of NNX's per-call
 copies and attribute checks (~0.3 ms per layer before).
 
+**Merges from memory.** After the outgoing adapter is restored, the entries under the incoming
+one are the ones it overwrote last time, as long as nothing but the engine has written the
+kernel since and the same adapters lie below it. The engine keeps, per kernel Variable, the
+array it left there and, per (adapter, adapters below) tag, the entries it read and wrote
+(same indices and values objects, same scale); when all hold, the merge is a pure write of
+the remembered entries, so a switch writes exactly what the NumPy bound writes (A's saved
+entries, B's merged ones) and reads nothing. Any other write (new base weights, a traced
+merge) gives the Variable another array and empties the memo; the memory cost is one extra
+`nnz` vector per adapter and kernel (the written entries; the overwritten ones are the
+backups already kept).
+
 **16-bit kernels on CPU.** XLA's CPU scatter has no 16-bit float kernel, and any integer view
 (uint16 per entry, or uint32 words holding two entries) is a `bitcast-convert` that XLA CPU
 materialises as a full copy of the kernel on the way in and again on the way out (read in the

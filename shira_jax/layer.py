@@ -179,7 +179,7 @@ class ShiraDense(nnx.Module):
             if type(variable) is kind:
                 continue
             if _concrete(variable.get_raw_value()):  # same object, new kind: ~100x cheaper
-                variable.__class__ = kind
+                object.__setattr__(variable, "__class__", kind)  # (eager: no trace to check)
             else:
                 self.shira_weight[name] = kind(variable[...], **variable.get_metadata())
 
