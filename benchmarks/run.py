@@ -85,31 +85,17 @@ several adapters, bias and base-weight gradients; `tests/test_benchmarks.py`). S
   ("JAX frozen / torch frozen"). Where the adapter is a small share of the step (q+v) that base
   gap decides the figure; XLA CPU flags (oneDNN, no XNNPACK) did not close it.
 
-**Switching (`ShiraDense.switch`, `sj.switch_adapter`, `ops.switch_kernels`).** Swapping merged
-adapter A for B is one compiled pass per kernel: write A's saved entries back, gather B's
-originals (kept for an exact unmerge), write B's merged entries; the kernel is donated, so XLA
-updates it in place and never reads or copies the rest of it. Donation is used only when
-nothing else holds the kernel array (a reference count check; a NumPy view makes XLA copy
-instead, so it is safe too); otherwise the kernel is copied. `unmerge` uses the same pass.
-One program per kernel signature (a model compiles one per distinct layer shape): a single
-program over 210 layers took ~15 s to compile. Writes use flat row-major positions (~15% faster
-than 2-D indices on CPU). bf16/f16 kernels are written through a `uint16` view: XLA's CPU
-scatter has no 16-bit float kernel and converts the whole kernel to float32 and back (the
-"native bf16 scatter" rows, 2-4x slower); XLA CPU still materialises each bitcast as a copy of
-the kernel, so a bf16 switch costs a few full passes (the "one full pass" rows).
+**Switching.** How the in-place engine works (grouped donated programs, merges from memory,
+16-bit kernels on CPU, sharded and stacked kernels) is described under section 3 with its
+figures.
 
-- Physical limit, speed-up over LoRA: a switch touches `3 nnz` entries at random positions
-  (restore A, read B, write B) where the bound touches `2 nnz`; every entry is a cache-line
-  miss, so the time is set by memory latency, while LoRA's switch is a rank-64 matmul plus one
-  streaming pass. The "LoRA switch / raw scatter bound" rows are the most any switch could gain
-  here: 4-5x at d=4096 and ~8x at d=8192 in fp32, with caches cold (in a warm loop one 262k-entry
-  write takes 1.6 ms, the figure behind the issue's 1.5 ms; interleaved with other work it takes
-  3-4 ms). 15x is out of reach on this CPU for that reason; the gain grows with sparsity (d) and
-  is smallest on SmolLM2's 576-wide layers, where r=32 covers 8% of each kernel (1.6% at 4096).
-  On GPU/TPU the scatter is native in bf16 too.
-- Whole model: every layer also pays ~0.3-0.4 ms of Python bookkeeping (NNX variable updates,
-  re-typing the active adapter's values so that only it trains), about 80 ms over 210 layers,
-  on top of the third pass; hence ~2x the one-program raw bound there.
+- Physical limit, speed-up over LoRA: a switch writes `2 nnz` entries at random positions
+  (A's saved entries back, B's merged ones); every entry is a cache-line miss, so the time is
+  set by memory latency, while LoRA's switch is a rank-64 matmul plus one streaming pass. The
+  "LoRA / NumPy bound" rows are the most any switch could gain here: ~11x on the Llama-7B
+  block, but only ~3x (fp32) on SmolLM2's 576-wide layers, where r=32 covers 11% of each
+  kernel. The >= 5x goal on the whole SmolLM2 model is out of reach on this CPU for that
+  reason. On GPU/TPU the scatter is native in bf16 too.
 """
 
 
