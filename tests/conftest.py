@@ -29,9 +29,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 
-# `--doctest-modules` (pyproject.toml) imports every module under tests/; the worker is a script
-# that reads its device count from argv before jax starts, so it is never imported here.
-collect_ignore = ["sharding_worker.py"]
+# `--doctest-modules` (pyproject.toml) imports every module under tests/; the workers are scripts
+# that read their device count from argv before jax starts, so they are never imported here.
+collect_ignore_glob = ["*_worker.py"]
 
 
 # --------------------------------------------------------------------------- NNX models

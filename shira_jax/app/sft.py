@@ -167,7 +167,7 @@ def load_chat_template(model_path: str | Path) -> Template | None:
     there is none (or jinja2 is not installed): `PLAIN_TEMPLATE` is used then.
     """
     folder = Path(model_path)
-    folder = folder if folder.is_dir() else folder.parent
+    folder = folder.parent if folder.is_file() else folder  # a model file: look beside it
     source = None
     if (folder / "chat_template.jinja").is_file():
         source = (folder / "chat_template.jinja").read_text()
