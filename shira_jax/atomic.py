@@ -195,15 +195,21 @@ def _roll_files_forward(folder: Path, names: Iterable[str]) -> None:
     (folder / FILES_JOURNAL).unlink(missing_ok=True)
 
 
-def _journal_names(journal: Path) -> list[str] | None:
-    """The file names a `write_files` journal commits, or None if it is not one of ours."""
+def _read_journal(journal: Path) -> dict[str, Any] | None:
+    """A journal's JSON object when it is a small regular file of ours, else None."""
     try:
         if journal.is_symlink() or not journal.is_file() or journal.stat().st_size > 2**16:
             return None
         data = json.loads(journal.read_text())
     except (OSError, ValueError, RecursionError):
         return None
-    names = data.get("files") if isinstance(data, dict) else None
+    return data if isinstance(data, dict) else None
+
+
+def _journal_names(journal: Path) -> list[str] | None:
+    """The file names a `write_files` journal commits, or None if it is not one of ours."""
+    data = _read_journal(journal)
+    names = data.get("files") if data is not None else None
     if not isinstance(names, list) or not names or not all(_plain_name(n) for n in names):
         return None
     return names
@@ -255,13 +261,8 @@ def glob_escape(name: str) -> str:
 
 def _journal_new(journal: Path, target: Path) -> Path | None:
     """The staged directory a swap journal names (a sibling of `target`), or None."""
-    try:
-        if journal.is_symlink() or not journal.is_file() or journal.stat().st_size > 2**16:
-            return None
-        data = json.loads(journal.read_text())
-    except (OSError, ValueError, RecursionError):
-        return None
-    name = data.get("new") if isinstance(data, dict) else None
+    data = _read_journal(journal)
+    name = data.get("new") if data is not None else None
     if not isinstance(name, str) or "/" in name or not name.startswith(f".{target.name}."):
         return None
     if name in (sibling(target, "old").name, journal.name):
