@@ -46,6 +46,7 @@ from jax.typing import DTypeLike
 
 from bridge.conventions import to_torch, torch_names
 from shira_jax import atomic
+from shira_jax.errors import check_regular_file
 from shira_jax.layer import unwrap
 from shira_jax.models.llama import SUPPORTED_ARCHITECTURES, LlamaConfig, LlamaForCausalLM
 from shira_jax.modules_to_save import ModulesToSave
@@ -115,7 +116,7 @@ class _SafetensorsSource:
         index = path / SAFE_WEIGHTS_INDEX_NAME
         single = path / SAFE_WEIGHTS_NAME
         if single.is_file():
-            with safe_open(str(single), framework="numpy") as f:
+            with safe_open(str(check_regular_file(single, "weights file")), framework="numpy") as f:
                 return cls({k: single for k in f.keys()})
         if index.is_file():
             weight_map = json.loads(index.read_text()).get("weight_map")
@@ -131,6 +132,7 @@ class _SafetensorsSource:
                 files[key] = shard
             # Check the shards really hold what the index says.
             for shard in sorted(set(files.values())):
+                shard = check_regular_file(shard, "weights shard")
                 with safe_open(str(shard), framework="numpy") as f:
                     present = set(f.keys())
                 absent = [k for k, s in files.items() if s == shard and k not in present]

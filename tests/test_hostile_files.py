@@ -462,3 +462,20 @@ def test_missing_files_are_adapter_file_not_found(tmp_path, bad_peft):
         load_peft_adapter(model, bad_peft, "second")
     with pytest.raises(FileNotFoundError, match="not a shira-jax adapter"):
         sj.load_adapter(model, tmp_path, "second")
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "shard.safetensors"])
+def test_base_weights_symlinked_to_a_device_are_refused(tmp_path, name):
+    """HF base weights (a single file or an index shard) that resolve to /proc/self/mem are
+    refused before any read, with our error type (reading them would block or read memory)."""
+    import bridge
+
+    (tmp_path / "config.json").write_text(
+        json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"})
+    )
+    if name != "model.safetensors":
+        index = {"weight_map": {"model.embed_tokens.weight": name}}
+        (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    os.symlink("/proc/self/mem", tmp_path / name)
+    with pytest.raises(sj.AdapterLoadError, match="pseudo file"):
+        bridge.from_pretrained(str(tmp_path))
