@@ -7,12 +7,13 @@ Example:
     32
 """
 
-from shira_jax import functional, masks, ops, sharding, stacked, state
+from shira_jax import functional, kernels, masks, ops, sharding, stacked, state
 from shira_jax.bank import AdapterBank
 from shira_jax.checkpoint import load_adapter, save_adapter
 from shira_jax.config import ShiraConfig, matches_target
 from shira_jax.errors import AdapterLoadError
 from shira_jax.fusion import adapter_orthogonality, awom, awor, fuse_adapters
+from shira_jax.kernels import register_kernel
 from shira_jax.layer import (
     ShiraDense,
     ShiraFrozenValues,
@@ -65,6 +66,7 @@ __all__ = [
     "delete_adapter",
     "disable_adapter",
     "functional",
+    "kernels",
     "fuse_adapters",
     "load_adapter",
     "masks",
@@ -72,6 +74,7 @@ __all__ = [
     "merge",
     "merge_and_unload",
     "ops",
+    "register_kernel",
     "save_adapter",
     "set_adapter",
     "set_scale",

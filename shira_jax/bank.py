@@ -40,6 +40,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from shira_jax.kernels import kernel_view
 from shira_jax.layer import unwrap, update_kernels
 from shira_jax.masks import validate_indices
 from shira_jax.model import shira_layers
@@ -82,10 +83,13 @@ class AdapterBank:
 
     def _kernel(self, path: str) -> nnx.Variable:
         module = unwrap(get_submodule(self.model, path))
-        kernel = getattr(module, "kernel", None)
-        if not isinstance(kernel, nnx.Variable):
-            raise TypeError(f"{path} is a {type(module).__name__} without a kernel.")
-        return kernel
+        view = kernel_view(module)
+        if view is None or view.unsupported or view.layout is not None:
+            raise TypeError(
+                f"{path} is a {type(module).__name__}; AdapterBank switches nnx.Linear kernels "
+                "([in, out] or stacked [L, in, out]). Use sj.switch_adapter for other kinds."
+            )
+        return view.variable
 
     def _store(self, array: Any, dtype: Any) -> Any:
         array = np.array(array, dtype)  # a copy: the bank never aliases the caller's memory

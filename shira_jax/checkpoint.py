@@ -427,14 +427,15 @@ def _placement(modules: Mapping[str, nnx.Module], mesh: Any) -> Placement:
     like the kernel over its stacked axes (on `mesh`, or the mesh the kernel lives on)."""
 
     def place(path: str, kind: str, shape: tuple[int, ...]) -> Any:
-        value = unwrap(modules[path]).kernel.get_value()
+        view = kernel_view(unwrap(modules[path]))
+        value = view.variable.get_value()
         current = getattr(value, "sharding", None)
         kmesh = mesh
         if kmesh is None and isinstance(current, NamedSharding):
             kmesh = current.mesh
         if kmesh is None:
             return None
-        lead = value.ndim - 2
+        lead = len(view.stack_shape)
         spec = [None] * len(shape)
         if lead and isinstance(current, NamedSharding) and current.mesh == kmesh:
             spec[:lead] = tuple(current.spec)[:lead]

@@ -252,8 +252,9 @@ def resolve_targets(
     Traceback (most recent call last):
     ...
     TypeError: Target module attn.norm (RMSNorm) is selected by target_modules '.*(proj|norm)' \
-but SHiRA adapts nnx.Linear layers only (PEFT raises the same for modules other than \
-torch.nn.Linear). Narrow target_modules (or use "all-linear").
+but SHiRA adapts linear layers only (nnx.Linear, LinearGeneral, Einsum, sj.register_kernel \
+kinds; PEFT raises the same for modules other than torch.nn.Linear). Narrow target_modules \
+(or use "all-linear").
     """
     paths = list(linear_paths)
     targets = config.target_modules
@@ -274,13 +275,13 @@ torch.nn.Linear). Narrow target_modules (or use "all-linear").
             more = f" ({len(bad)} such modules: {_preview(bad)})" if len(bad) > 1 else ""
             raise TypeError(
                 f"Target module {bad[0]} ({unsupported[bad[0]]}) is selected by target_modules "
-                f"{targets!r} but SHiRA adapts nnx.Linear layers only (PEFT raises the same for "
-                f"modules other than torch.nn.Linear){more}. Narrow target_modules (or use "
-                '"all-linear").'
+                f"{targets!r} but SHiRA adapts linear layers only (nnx.Linear, LinearGeneral, "
+                "Einsum, sj.register_kernel kinds; PEFT raises the same for modules other than "
+                f"torch.nn.Linear){more}. Narrow target_modules (or use \"all-linear\")."
             )
     if not chosen:
         raise ValueError(
-            f"Target modules {targets!r} matched no nnx.Linear layer of the model. "
+            f"Target modules {targets!r} matched no linear layer of the model. "
             f"Linear layers here: {_preview(paths)}"
         )
     return chosen

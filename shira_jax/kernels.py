@@ -25,7 +25,7 @@ import dataclasses
 import functools
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -38,12 +38,16 @@ from shira_jax import ops
 
 __all__ = [
     "AxisEntry",
+    "KernelLayout",
     "KernelView",
     "adapter_metadata",
     "axis_names",
+    "einsum_axes",
     "kernel_layout",
     "kernel_view",
+    "mesh_spec",
     "place_like_kernel",
+    "register_kernel",
     "scatter_delta",
     "scatter_fn",
 ]
@@ -55,21 +59,91 @@ AxisEntry = str | tuple[str, ...] | None
 
 
 @dataclasses.dataclass(frozen=True)
+class KernelLayout:
+    """How an N-D kernel's axes form the 2-D `[in, out]` matrix an adapter addresses.
+
+    `in` is the row-major flattening of `in_axes` (the kernel axes contracted with the
+    input, in kernel order), `out` that of `out_axes` (the axes that reach the output). This is
+    the order of HF's flattened linears: HF `q_proj.weight` `[N*H, D]` is a kernel `(D, N, H)`
+    with `in_axes=(0,)`, `out_axes=(1, 2)`. Positions are scattered straight into the kernel
+    seen as its free reshape `[size // last, last]` (`storage_indices`), never transposed.
+
+    Example:
+        >>> layout = KernelLayout((2, 3, 4), in_axes=(1,), out_axes=(0, 2))
+        >>> layout.n_in, layout.n_out
+        (3, 8)
+        >>> import numpy as np
+        >>> layout.storage_indices(np.array([[1], [5]])).ravel().tolist()  # (a=1, b=1, c=1)
+        [4, 1]
+    """
+
+    shape: tuple[int, ...]
+    in_axes: tuple[int, ...]
+    out_axes: tuple[int, ...]
+
+    @property
+    def n_in(self) -> int:
+        return math.prod(self.shape[a] for a in self.in_axes)
+
+    @property
+    def n_out(self) -> int:
+        return math.prod(self.shape[a] for a in self.out_axes)
+
+    @property
+    def storage_shape(self) -> tuple[int, int]:
+        return (math.prod(self.shape[:-1]), self.shape[-1])
+
+    def native_coords(self, indices: Any) -> tuple[Any, ...]:
+        """Per kernel axis, the coordinates of `[2, nnz]` matrix indices (NumPy or jax)."""
+        coords: dict[int, Any] = {}
+        for axes, flat in ((self.in_axes, indices[0]), (self.out_axes, indices[1])):
+            for a in reversed(axes):
+                coords[a], flat = flat % self.shape[a], flat // self.shape[a]
+        return tuple(coords[a] for a in range(len(self.shape)))
+
+    def storage_indices(self, indices: Any) -> Any:
+        """`[2, nnz]` positions of matrix `indices` in the kernel's `[size // last, last]`."""
+        coords = self.native_coords(indices)
+        row = coords[0] * 0
+        for a in range(len(self.shape) - 1):
+            row = row * self.shape[a] + coords[a]
+        stack = jnp.stack if isinstance(indices, jax.Array) else np.stack
+        return stack([row, coords[-1]])
+
+    def to_storage(self, kernel: Any) -> Any:
+        return kernel.reshape(self.storage_shape)
+
+    def to_native(self, matrix: Any) -> Any:
+        return matrix.reshape(self.shape)
+
+    def to_matrix(self, kernel: Any) -> Any:
+        """The kernel (or a gradient shaped like it) as the `[in, out]` matrix (a copy)."""
+        moved = kernel.transpose(*self.in_axes, *self.out_axes)
+        return moved.reshape(self.n_in, self.n_out)
+
+
+@dataclasses.dataclass(frozen=True)
 class KernelView:
     """A module's weight seen as `[*stack_shape, n_in, n_out]` (Flax's `[in, out]` layout).
 
     Attributes:
         module: the module that owns the weight (e.g. an `nnx.Linear`).
-        variable: the weight's `nnx.Variable`.
+        variable: the weight's `nnx.Variable` (None when it is not one, e.g. quantized).
         stack_shape: leading axes that hold one independent matrix each (scan-stacked layers).
         n_in, n_out: the matrix an adapter's `[2, nnz]` indices address.
+        attr: the module attribute that holds the weight (`"kernel"`, Tunix's `"w"`, ...).
+        layout: how an N-D kernel forms the matrix (None: the kernel is `[*stack, in, out]`).
+        unsupported: why SHiRA cannot adapt this weight yet ("" when it can).
     """
 
     module: nnx.Module
-    variable: nnx.Variable
+    variable: nnx.Variable | None
     stack_shape: tuple[int, ...]
     n_in: int
     n_out: int
+    attr: str = "kernel"
+    layout: KernelLayout | None = None
+    unsupported: str = ""
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -84,8 +158,9 @@ class KernelView:
         return math.prod(self.stack_shape)
 
     def array(self) -> Any:
-        """The weight's current value."""
-        return self.variable.get_value()
+        """The weight's current value as `[*stack, in, out]`."""
+        value = self.variable.get_value()
+        return value if self.layout is None else self.layout.to_matrix(value)
 
     def slice_module(self, i: int) -> nnx.Module:
         """A copy of the module holding only slice `i` of a stacked weight (for `mask_fn`)."""
@@ -96,18 +171,192 @@ class KernelView:
         return nnx.merge(graphdef, jax.tree.map(lambda a: a[index], state))
 
 
-def kernel_view(module: Any) -> KernelView | None:
-    """The `KernelView` of `module`'s weight, or None when SHiRA cannot adapt it.
+ViewFn = Callable[[Any], "KernelView | None"]
+_REGISTRY: dict[type, ViewFn] = {}
 
-    `nnx.Linear` (and subclasses) with a kernel `[in, out]` or a stacked `[L, in, out]`.
+
+def kernel_view(module: Any) -> KernelView | None:
+    """The `KernelView` of `module`'s weight, or None when it has no weight SHiRA knows.
+
+    Known kinds: `nnx.Linear` (`[in, out]`, or `[L, in, out]` made by `nnx.vmap`),
+    `nnx.LinearGeneral`, `nnx.Einsum`, any module with an `einsum_str` and a `w` or `kernel`
+    weight (Tunix's `Einsum`), and what `register_kernel` taught. A view whose `unsupported`
+    is set names a weight SHiRA recognises but cannot adapt (quantized, batch axes).
     """
-    if not isinstance(module, nnx.Linear):
+    for cls in type(module).__mro__:
+        if cls in _REGISTRY:
+            return _REGISTRY[cls](module)
+    if isinstance(getattr(module, "einsum_str", None), str):
+        attr = "w" if hasattr(module, "w") else "kernel"
+        return _einsum_view(module, attr, module.einsum_str)
+    return None
+
+
+def register_kernel(
+    module_type: type,
+    *,
+    weight: str = "kernel",
+    in_axes: Sequence[int] | None = None,
+    out_axes: Sequence[int] | None = None,
+    einsum: str | Callable[[Any], str] | None = None,
+) -> None:
+    """Teach `apply_shira` another library's module kind (MaxText `DenseGeneral`, EasyDeL
+    `ParallelLinear`, your own): name the weight attribute and which of its axes the input
+    contracts (`in_axes`) and which reach the output (`out_axes`), or give the einsum (a
+    string, or a function of the module) whose second operand is the weight.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from shira_jax import kernels
+        >>> class Proj(nnx.Module):  # y[b, n, h] = x[b, d] @ w[d, n, h]
+        ...     def __init__(self):
+        ...         self.w = nnx.Param(jnp.ones((8, 2, 4)))
+        ...     def __call__(self, x):
+        ...         return jnp.einsum("bd,dnh->bnh", x, self.w[...])
+        >>> kernels.register_kernel(Proj, weight="w", in_axes=(0,), out_axes=(1, 2))
+        >>> kernels.kernel_view(Proj()).shape
+        (8, 8)
+    """
+    if einsum is not None:
+        spec = einsum
+
+        def view(module: Any) -> KernelView | None:
+            text = spec(module) if callable(spec) else spec
+            return _einsum_view(module, weight, text)
+
+    else:
+        if in_axes is None or out_axes is None:
+            raise ValueError("register_kernel needs in_axes and out_axes, or einsum.")
+        axes = (tuple(int(a) for a in in_axes), tuple(int(a) for a in out_axes))
+
+        def view(module: Any) -> KernelView | None:
+            return _axes_view(module, weight, *axes, ())
+
+    _REGISTRY[module_type] = view
+
+
+def _weight(module: Any, attr: str) -> tuple[nnx.Variable | None, tuple[int, ...], str]:
+    """The weight Variable, its shape, and why it cannot be adapted ("" if it can)."""
+    weight = getattr(module, attr, None)
+    value = weight.get_raw_value() if isinstance(weight, nnx.Variable) else weight
+    shape = tuple(int(n) for n in getattr(value, "shape", ()))
+    kind = type(value).__name__
+    quantized = type(value).__module__.split(".")[0] == "qwix" or hasattr(value, "qvalue")
+    if isinstance(weight, nnx.Variable) and hasattr(value, "dtype") and not quantized:
+        return weight, shape, ""
+    if quantized:
+        return None, shape, (
+            f"its weight {attr!r} is quantized ({kind}, by qwix); SHiRA on a quantized base "
+            "needs the sparse delta path (QSHiRA), not available yet. Apply SHiRA to the float "
+            "model, or dequantize these layers first."
+        )
+    return None, shape, f"its weight {attr!r} is a {kind}, not an nnx.Variable holding an array"
+
+
+def _axes_view(
+    module: Any,
+    attr: str,
+    in_axes: tuple[int, ...],
+    out_axes: tuple[int, ...],
+    stack_axes: tuple[int, ...],
+) -> KernelView | None:
+    variable, shape, why = _weight(module, attr)
+    if not shape:
         return None
-    variable = module.kernel
-    shape = tuple(int(s) for s in variable.shape)
+    ndim = len(shape)
+    in_axes = tuple(a % ndim for a in in_axes)
+    out_axes = tuple(a % ndim for a in out_axes)
+    layout = KernelLayout(shape, in_axes, out_axes)
+    if sorted(in_axes + out_axes + stack_axes) != list(range(ndim)) and not why:
+        why = (
+            f"its weight {attr!r} {shape} has axes that are neither contracted with the input "
+            f"(in_axes={in_axes}) nor in the output (out_axes={out_axes})"
+        )
+    if stack_axes and not why:
+        why = (
+            f"its weight {attr!r} {shape} has batch axes {stack_axes} shared by the input and "
+            "the output (one matrix per slice); SHiRA adapts those for scan-stacked nnx.Linear "
+            "only"
+        )
+    plain = in_axes == (ndim - 2,) and out_axes == (ndim - 1,) and ndim == 2
+    return KernelView(
+        module, variable, (), layout.n_in, layout.n_out, attr,
+        None if plain else layout, why,
+    )
+
+
+def einsum_axes(spec: str, ndim: int) -> tuple[tuple[int, ...], ...]:
+    """`(in_axes, out_axes, stack_axes, other)` of the weight in `"x,w->y"` (w second).
+
+    >>> einsum_axes("BTD,DNH->BTNH", 3)
+    ((0,), (1, 2), (), ())
+    >>> einsum_axes("BSD,CKDH->CBSKH", 4)
+    ((2,), (0, 1, 3), (), ())
+    """
+    text = spec.replace(" ", "")
+    try:
+        operands, out = text.split("->")
+        x, w = operands.split(",")
+    except ValueError:
+        raise ValueError(f"einsum {spec!r}: need exactly 'input,weight->output'.") from None
+    x, out = x.replace("...", ""), out.replace("...", "")
+    if "..." in w or len(w) != ndim or len(set(w)) != ndim:
+        raise ValueError(f"einsum {spec!r}: the weight part {w!r} must name its {ndim} axes once.")
+    kinds: dict[str, list[int]] = {"in": [], "out": [], "stack": [], "other": []}
+    for axis, letter in enumerate(w):
+        key = {(True, False): "in", (False, True): "out", (True, True): "stack"}.get(
+            (letter in x, letter in out), "other"
+        )
+        kinds[key].append(axis)
+    return tuple(tuple(kinds[k]) for k in ("in", "out", "stack", "other"))
+
+
+def _einsum_view(module: Any, attr: str, spec: Any) -> KernelView | None:
+    variable, shape, why = _weight(module, attr)
+    if not shape or not isinstance(spec, str):
+        return None
+    in_axes, out_axes, stack_axes, other = einsum_axes(spec, len(shape))
+    view = _axes_view(module, attr, in_axes, out_axes, stack_axes + other)
+    if view is not None and not (in_axes and out_axes) and not view.unsupported:
+        view = dataclasses.replace(
+            view, unsupported=f"its einsum {spec!r} has no contracted or no output weight axis"
+        )
+    return view
+
+
+def _linear_view(module: nnx.Linear) -> KernelView | None:
+    variable, shape, why = _weight(module, "kernel")
+    if variable is None:
+        return _axes_view(module, "kernel", (0,), (1,), ()) if why and len(shape) == 2 else None
     if len(shape) not in (2, 3):
         return None
     return KernelView(module, variable, shape[:-2], shape[-2], shape[-1])
+
+
+def _linear_general_view(module: nnx.LinearGeneral) -> KernelView | None:
+    n_stack, n_in = len(module.batch_axis), len(module.in_features)
+    ndim = n_stack + n_in + len(module.out_features)
+    return _axes_view(
+        module,
+        "kernel",
+        tuple(range(n_stack, n_stack + n_in)),
+        tuple(range(n_stack + n_in, ndim)),
+        tuple(range(n_stack)),
+    )
+
+
+def _nnx_einsum_view(module: nnx.Einsum) -> KernelView | None:
+    return _einsum_view(module, "kernel", module.einsum_str)
+
+
+_REGISTRY.update(
+    {
+        nnx.Linear: _linear_view,
+        nnx.LinearGeneral: _linear_general_view,
+        nnx.Einsum: _nnx_einsum_view,
+    }
+)
 
 
 # ----------------------------------------------------------------------------- placement
@@ -122,7 +371,9 @@ def _entries(spec: Any) -> tuple[AxisEntry, ...] | None:
     return tuple(spec)
 
 
-def adapter_metadata(kernel: nnx.Variable) -> tuple[dict[str, Any], dict[str, Any]]:
+def adapter_metadata(
+    kernel: nnx.Variable, stack_ndim: int | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """NNX metadata for an adapter's values and indices, derived from the kernel's.
 
     A kernel `out_sharding` of `(*lead, a, b)` gives values `(*lead, None)` and indices
@@ -131,13 +382,15 @@ def adapter_metadata(kernel: nnx.Variable) -> tuple[dict[str, Any], dict[str, An
     adapter's arrays are placed by `ShiraDense` itself (next to the kernel), so eager sharding
     is off for them: no mesh context is needed to add an adapter.
 
-    Returns `({}, {})` when the kernel carries no sharding metadata.
+    `stack_ndim` counts the kernel's stacked axes (default: all but the last two; 0 for an
+    N-D kernel seen through a `KernelLayout`). Returns `({}, {})` when the kernel carries no
+    sharding metadata.
     """
     meta = kernel.get_metadata()
     spec = _entries(meta.get("out_sharding"))
     if not spec:
         return {}, {}
-    lead = tuple(spec[:-2])
+    lead = tuple(spec[: len(spec) - 2 if stack_ndim is None else stack_ndim])
     extra = {k: meta[k] for k in ("sharding_rules", "mesh") if meta.get(k) is not None}
     values = {"out_sharding": (*lead, None), "eager_sharding": False, **extra}
     indices = {"out_sharding": (*lead, None, None), "eager_sharding": False, **extra}
@@ -148,7 +401,7 @@ def _is_concrete(x: Any) -> bool:
     return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
 
 
-def place_like_kernel(array: Any, kernel: Any) -> Any:
+def place_like_kernel(array: Any, kernel: Any, stack_ndim: int | None = None) -> Any:
     """Put an adapter array on the mesh a concrete `kernel` lives on, sharded like its lead axes.
 
     `array` is values `[*lead, nnz]` or indices `[*lead, 2, nnz]` of a kernel `[*lead, in, out]`:
@@ -163,7 +416,7 @@ def place_like_kernel(array: Any, kernel: Any) -> Any:
     sharding = getattr(kernel, "sharding", None)
     if not isinstance(sharding, NamedSharding) or sharding.mesh.size == 1:
         return array
-    lead = kernel.ndim - 2
+    lead = kernel.ndim - 2 if stack_ndim is None else stack_ndim
     kspec = tuple(sharding.spec) + (None,) * (kernel.ndim - len(sharding.spec))
     spec = PartitionSpec(*kspec[:lead], *([None] * (np.ndim(array) - lead)))
     return jax.device_put(array, NamedSharding(sharding.mesh, spec))
@@ -183,10 +436,10 @@ def _mesh_sizes(mesh: Any) -> dict[str, int]:
     return dict(mesh.shape)
 
 
-def kernel_layout(
+def mesh_spec(
     variable: nnx.Variable | None, kernel: Any
-) -> tuple[Any, tuple[AxisEntry, AxisEntry]] | None:
-    """`(mesh, (rows_axes, cols_axes))` of a 2-D kernel split over more than one device, else None.
+) -> tuple[Any, tuple[AxisEntry, ...]] | None:
+    """`(mesh, spec)` of a kernel split over more than one device (one entry per axis), else None.
 
     Looked up, in order, from the concrete array's `NamedSharding`, its type's sharding
     (explicit mesh axes), and the Variable's `out_sharding` metadata (logical rules applied)
@@ -215,15 +468,28 @@ def kernel_layout(
                 return None
     if mesh is None or spec is None:
         return None
-    ndim = kernel.ndim
-    spec = tuple(spec) + (None,) * max(0, ndim - len(spec))
-    rows, cols = spec[ndim - 2], spec[ndim - 1]
+    spec = tuple(spec) + (None,) * max(0, kernel.ndim - len(spec))
     sizes = _mesh_sizes(mesh)
-    if any(a not in sizes for a in axis_names(rows) + axis_names(cols)):
+    if any(a not in sizes for e in spec for a in axis_names(e)):
         return None
-    n0 = math.prod(sizes[a] for a in axis_names(rows))
-    n1 = math.prod(sizes[a] for a in axis_names(cols))
-    if n0 * n1 == 1 or kernel.shape[-2] % n0 or kernel.shape[-1] % n1:
+    parts = [math.prod(sizes[a] for a in axis_names(e)) for e in spec]
+    if math.prod(parts) == 1 or any(n % p for n, p in zip(kernel.shape, parts)):
+        return None
+    return mesh, spec
+
+
+def kernel_layout(
+    variable: nnx.Variable | None, kernel: Any
+) -> tuple[Any, tuple[AxisEntry, AxisEntry]] | None:
+    """`(mesh, (rows_axes, cols_axes))` of a kernel whose last two axes are split over more
+    than one device, else None (see `mesh_spec`)."""
+    found = mesh_spec(variable, kernel)
+    if found is None:
+        return None
+    mesh, spec = found
+    rows, cols = spec[-2], spec[-1]
+    sizes = _mesh_sizes(mesh)
+    if math.prod(sizes[a] for a in axis_names(rows) + axis_names(cols)) == 1:
         return None
     return mesh, (rows, cols)
 
@@ -310,21 +576,76 @@ def _local_scatter(
 
 
 def scatter_fn(
-    variable: nnx.Variable | None, kernel: Any
+    variable: nnx.Variable | None, kernel: Any, layout: KernelLayout | None = None
 ) -> Callable[[jax.Array, jax.Array, jax.Array, Any], jax.Array]:
     """The scatter to use for `kernel`: shard-local when it is split over a mesh, else `ops`.
 
-    `ShiraDense` calls this with its kernel Variable and the kernel array. When the kernel is
-    not split this returns `ops.scatter_delta` itself, so callers may test identity.
+    `ShiraDense` calls this with its kernel Variable, the kernel array and, for an N-D kernel,
+    its `KernelLayout` (the scatter then takes `[in, out]` matrix indices). When a plain 2-D
+    kernel is not split this returns `ops.scatter_delta` itself, so callers may test identity.
     """
+    if layout is not None:
+        found = mesh_spec(variable, kernel)
+        if found is None:
+            return functools.partial(_storage_scatter, layout=layout)
+        mesh, spec = found
+        spec = tuple(e if e is None or isinstance(e, str) else tuple(e) for e in spec)
+        return functools.partial(_scatter_nd, mesh=mesh, spec=spec, layout=layout)
     if kernel.ndim != 2:
         return ops.scatter_delta
-    layout = kernel_layout(variable, kernel)
-    if layout is None:
+    found = kernel_layout(variable, kernel)
+    if found is None:
         return ops.scatter_delta
-    mesh, spec = layout
+    mesh, spec = found
 
     def scatter(k: jax.Array, idx: jax.Array, vals: jax.Array, scale: Any = 1.0) -> jax.Array:
         return scatter_delta(k, idx, vals, scale, mesh=mesh, spec=spec)
 
     return scatter
+
+
+def _storage_scatter(
+    kernel: jax.Array, indices: jax.Array, values: jax.Array, scale: Any = 1.0, *,
+    layout: KernelLayout,
+) -> jax.Array:
+    """`ops.scatter_delta` on an N-D kernel through its free 2-D reshape."""
+    flat = ops.scatter_delta(
+        layout.to_storage(kernel), layout.storage_indices(indices), values, scale
+    )
+    return layout.to_native(flat)
+
+
+def _scatter_nd(
+    kernel: jax.Array, indices: jax.Array, values: jax.Array, scale: Any = 1.0, *,
+    mesh: Any, spec: tuple[AxisEntry, ...], layout: KernelLayout,
+) -> jax.Array:
+    """`_storage_scatter` on an N-D kernel split over `mesh`: each device writes its block."""
+    acc_dtype = jnp.promote_types(jnp.promote_types(kernel.dtype, values.dtype), jnp.float32)
+    sizes = _mesh_sizes(mesh)
+    block = tuple(
+        n // math.prod(sizes[a] for a in axis_names(e)) for n, e in zip(kernel.shape, spec)
+    )
+
+    def local(part: jax.Array, idx: jax.Array, vals: jax.Array, s: jax.Array) -> jax.Array:
+        coords = layout.native_coords(idx)
+        inside = jnp.ones(idx.shape[-1], bool)
+        local_coords = []
+        for axis, (c, e) in enumerate(zip(coords, spec)):
+            c = c - _block_index(axis_names(e), sizes) * block[axis]
+            inside = inside & (c >= 0) & (c < block[axis])
+            local_coords.append(c)
+        row = jnp.zeros_like(local_coords[0])
+        for axis in range(len(block) - 1):
+            row = row * block[axis] + local_coords[axis]
+        rows = math.prod(block[:-1])
+        row = jnp.where(inside, row, rows)  # outside this block: dropped by scatter_block
+        flat = ops.scatter_block(part.reshape(rows, block[-1]), row, local_coords[-1], vals, s)
+        return flat.reshape(block)
+
+    kspec = PartitionSpec(*spec)
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(kspec, PartitionSpec(), PartitionSpec(), PartitionSpec()),
+        out_specs=kspec,
+    )(kernel, indices, values, jnp.asarray(scale, acc_dtype))

@@ -1,4 +1,4 @@
-"""`ShiraDense`: an `nnx.Linear` with one or more sparse high-rank adapters.
+"""`ShiraDense`: a linear layer (any kernel kind) with one or more sparse high-rank adapters.
 
 Example:
     >>> import jax.numpy as jnp
@@ -32,8 +32,13 @@ from shira_jax import kernels, ops
 from shira_jax.util import as_tuple
 
 
-class ShiraParam(nnx.Param):
-    """Trainable SHiRA values `[nnz]` of an active adapter: `nnx.Optimizer(..., wrt=ShiraParam)`."""
+class ShiraParam(nnx.LoRAParam):
+    """Trainable SHiRA values `[nnz]` of an active adapter: `nnx.Optimizer(..., wrt=ShiraParam)`.
+
+    A subclass of `nnx.LoRAParam` (itself an `nnx.Param`): trainers that train only
+    `LoRAParam` (Tunix's `PeftTrainer`, MaxText, EasyDeL) train exactly the SHiRA values. Pick
+    base weights with `nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))`.
+    """
 
 
 class ShiraFrozenValues(nnx.Variable):
@@ -52,13 +57,17 @@ class ShiraMergeBackup(nnx.Variable):
 
 
 class ShiraDense(nnx.Module):
-    """Wraps an `nnx.Linear`; each adapter is a flat value vector plus static indices.
+    """Wraps a linear layer; each adapter is a flat value vector plus static indices.
+
+    Any module `kernels.kernel_view` knows can be wrapped: `nnx.Linear`, `nnx.LinearGeneral`,
+    `nnx.Einsum`, Tunix's `Einsum`, kinds taught by `register_kernel`. Indices address the
+    weight as its `[in, out]` matrix (`kernels.KernelLayout` for N-D weights).
 
     The forward pass scatters `scaling * values` of every active, unmerged adapter into a copy
     of the kernel and runs the base layer's one matmul on it (never a second pass over x).
 
     Attributes:
-        base_layer: the wrapped `nnx.Linear` (kernel `[in, out]`).
+        base_layer: the wrapped layer (its weight seen as `[in, out]`).
         shira_weight: adapter name -> `ShiraParam` `[nnz]` (`ShiraFrozenValues` if inactive).
         shira_indices: adapter name -> `ShiraIndices` int32 `[2, nnz]`.
         r, scaling: adapter name -> budget rank and inference scale (1.0 by default).
@@ -66,14 +75,19 @@ class ShiraDense(nnx.Module):
     """
 
     def __init__(self, base_layer: nnx.Module, *, name: str = "") -> None:
-        kernel = getattr(base_layer, "kernel", None)
-        if kernel is None or kernel[...].ndim != 2:
-            shape = None if kernel is None else tuple(kernel.shape)
+        view = kernels.kernel_view(base_layer)
+        label = name or type(base_layer).__name__
+        if view is None or view.unsupported or view.stacked:
+            why = "it has no weight SHiRA knows" if view is None else view.unsupported
+            if view is not None and view.stacked:
+                why = f"its kernel {view.variable.shape} is stacked (wrap it per slice)"
             raise TypeError(
-                f"SHiRA wraps 2-D linear layers only; {name or type(base_layer).__name__} "
-                f"has kernel shape {shape}. Choose nnx.Linear layers in target_modules."
+                f"SHiRA cannot wrap {label} ({type(base_layer).__name__}): {why}. Choose other "
+                "layers in target_modules, or teach SHiRA the kind with sj.register_kernel."
             )
         self.base_layer = base_layer
+        self.weight_attr = view.attr
+        self.kernel_layout = view.layout
         self.shira_weight = nnx.Dict()
         self.shira_indices = nnx.Dict()
         self.merge_backup = nnx.Dict()
@@ -86,12 +100,23 @@ class ShiraDense(nnx.Module):
 
     # ------------------------------------------------------------------ shapes and names
     @property
+    def kernel_variable(self) -> nnx.Variable:
+        """The wrapped layer's weight Variable (`kernel`, Tunix's `w`, ...), in its own shape."""
+        return getattr(self.base_layer, self.weight_attr)
+
+    @property
     def in_features(self) -> int:
-        return int(self.base_layer.kernel.shape[0])
+        layout = self.kernel_layout
+        return int(self.kernel_variable.shape[0]) if layout is None else layout.n_in
 
     @property
     def out_features(self) -> int:
-        return int(self.base_layer.kernel.shape[1])
+        layout = self.kernel_layout
+        return int(self.kernel_variable.shape[1]) if layout is None else layout.n_out
+
+    @property
+    def _stack_ndim(self) -> int | None:
+        return None if self.kernel_layout is None else 0
 
     @property
     def adapter_names(self) -> tuple[str, ...]:
@@ -145,10 +170,10 @@ class ShiraDense(nnx.Module):
         kind = ShiraParam if active else ShiraFrozenValues
         # Sharding metadata derived from the kernel's (kernels.adapter_metadata); the arrays
         # are placed on the kernel's mesh, so nnx.get_partition_spec + jit need nothing else.
-        kernel = self.base_layer.kernel
-        vmeta, imeta = kernels.adapter_metadata(kernel)
-        values = kernels.place_like_kernel(values, kernel.get_value())
-        idx = kernels.place_like_kernel(idx, kernel.get_value())
+        kernel, lead = self.kernel_variable, self._stack_ndim
+        vmeta, imeta = kernels.adapter_metadata(kernel, lead)
+        values = kernels.place_like_kernel(values, kernel.get_value(), lead)
+        idx = kernels.place_like_kernel(idx, kernel.get_value(), lead)
         self.shira_weight[adapter] = kind(values, **vmeta)
         self.shira_indices[adapter] = ShiraIndices(idx, **imeta)
         self.r = {**self.r, adapter: int(r)}
@@ -192,14 +217,16 @@ class ShiraDense(nnx.Module):
 
         Use after changing the kernel's `out_sharding` (e.g. `sharding.annotate`).
         """
-        vmeta, imeta = kernels.adapter_metadata(self.base_layer.kernel)
-        kernel = self.base_layer.kernel.get_value()
+        lead = self._stack_ndim
+        vmeta, imeta = kernels.adapter_metadata(self.kernel_variable, lead)
+        kernel = self.kernel_variable.get_value()
         for group, meta in ((self.shira_weight, vmeta), (self.shira_indices, imeta)):
             for name in list(group.keys()):
                 var = group[name]
                 old = {k: v for k, v in var.get_metadata().items() if k != "out_sharding"}
                 old.update(meta)
-                group[name] = type(var)(kernels.place_like_kernel(var.get_value(), kernel), **old)
+                placed = kernels.place_like_kernel(var.get_value(), kernel, lead)
+                group[name] = type(var)(placed, **old)
 
     # ------------------------------------------------------------------ math
     def get_delta_weight(self, adapter: str) -> jax.Array:
@@ -223,7 +250,23 @@ class ShiraDense(nnx.Module):
 
     def _scatter(self, kernel: Any) -> Any:
         # shard-local scatter when the kernel is split over a mesh, else ops.scatter_delta
-        return kernels.scatter_fn(self.base_layer.kernel, kernel)
+        return kernels.scatter_fn(self.kernel_variable, kernel, self.kernel_layout)
+
+    def _gather(self, kernel: jax.Array, indices: jax.Array) -> jax.Array:
+        """The kernel entries at `[in, out]` matrix `indices`."""
+        if self.kernel_layout is None:
+            return kernel[indices[0], indices[1]]
+        return kernel[self.kernel_layout.native_coords(indices)]
+
+    def _restore(self, kernel: jax.Array, indices: jax.Array, saved: jax.Array) -> jax.Array:
+        """`ops.restore_entries` at `[in, out]` matrix `indices` (N-D kernels via storage)."""
+        layout = self.kernel_layout
+        if layout is None:
+            return ops.restore_entries(kernel, indices, saved)
+        flat = ops.restore_entries(
+            layout.to_storage(kernel), layout.storage_indices(indices), saved
+        )
+        return layout.to_native(flat)
 
     def _patched(
         self,
@@ -243,7 +286,7 @@ class ShiraDense(nnx.Module):
 
     def effective_kernel(self) -> jax.Array:
         """The kernel the forward pass uses: base (merged adapters included) + live deltas."""
-        return self._patched(self.base_layer.kernel[...], self._live_adapters())
+        return self._patched(self.kernel_variable[...], self._live_adapters())
 
     #: Rebuild the patched kernel in the backward pass instead of keeping one per layer
     #: (`ops.patched_call`): a SHiRA step then holds no more memory than a LoRA step. Set it to
@@ -254,13 +297,15 @@ class ShiraDense(nnx.Module):
         live = self._live_adapters()
         if not live:
             return self.base_layer(inputs, *args, **kwargs)
-        kernel = self.base_layer.kernel[...]
+        kernel = self.kernel_variable[...]
         if not self.recompute_in_backward:
-            with _kernel_swapped(self.base_layer, self._patched(kernel, live)):
+            with _kernel_swapped(self.kernel_variable, self._patched(kernel, live)):
                 return self.base_layer(inputs, *args, **kwargs)
         # The base layer runs its own call (dtype promotion, precision, bias, extra arguments)
         # on a pure copy of itself whose kernel is the patched one.
-        graphdef, kernel_state, rest = nnx.split(self.base_layer, _is_kernel, ...)
+        graphdef, kernel_state, rest = nnx.split(
+            self.base_layer, _weight_filter(self.weight_attr), ...
+        )
         leaves, treedef = jax.tree.flatten((args, kwargs))
         dynamic = [i for i, leaf in enumerate(leaves) if isinstance(leaf, (jax.Array, np.ndarray))]
 
@@ -296,12 +341,11 @@ class ShiraDense(nnx.Module):
         """Merged kernel, per-adapter backups and names to merge, without changing the layer."""
         names = self.active_adapters if adapter_names is None else as_tuple(adapter_names)
         names = tuple(a for a in names if a in self.shira_weight and a not in self.merged_adapters)
-        kernel = self.base_layer.kernel[...]
+        kernel = self.kernel_variable[...]
         backups: dict[str, jax.Array] = {}
-        if self._scatter(kernel) is not ops.scatter_delta:  # a kernel split over a mesh
+        if self._scatter(kernel) is not ops.scatter_delta:  # split over a mesh, or N-D
             for a in names:
-                idx = self.shira_indices[a][...]
-                backups[a] = kernel[idx[0], idx[1]]
+                backups[a] = self._gather(kernel, self.shira_indices[a][...])
                 kernel = self._patched(kernel, (a,))
             return kernel, backups, names
         for a in names:  # one gather per adapter: the saved entries are the ones added to
@@ -313,7 +357,7 @@ class ShiraDense(nnx.Module):
     def commit_merge(
         self, kernel: jax.Array, backups: dict[str, jax.Array], names: Sequence[str]
     ) -> None:
-        self.base_layer.kernel[...] = kernel
+        self.kernel_variable[...] = kernel
         for a in names:
             self.merge_backup[a] = ShiraMergeBackup(backups[a])
         self.merged_adapters = self.merged_adapters + tuple(names)
@@ -343,13 +387,11 @@ class ShiraDense(nnx.Module):
         if _fast(self):  # one pass, in place when nothing else holds the kernel
             unmerge_layers([self])
             return
-        kernel = self.base_layer.kernel[...]
+        kernel = self.kernel_variable[...]
         for a in reversed(self.merged_adapters):
-            kernel = ops.restore_entries(
-                kernel, self.shira_indices[a][...], self.merge_backup[a][...]
-            )
+            kernel = self._restore(kernel, self.shira_indices[a][...], self.merge_backup[a][...])
             del self.merge_backup[a]
-        self.base_layer.kernel[...] = kernel
+        self.kernel_variable[...] = kernel
         self.merged_adapters = ()
 
     # ------------------------------------------------------------------ switching
@@ -459,7 +501,9 @@ def _sole_owner(values: list[Any], i: int) -> bool:
 
 def _fast(layer: ShiraDense) -> bool:
     """The in-place engine applies: a concrete kernel (2-D or stacked), outside any trace."""
-    value = layer.base_layer.kernel.get_raw_value()
+    if layer.kernel_layout is not None:  # N-D kernels merge through plan_merge
+        return False
+    value = layer.kernel_variable.get_raw_value()
     return _concrete(value) and value.ndim in (2, 3)
 
 
@@ -702,7 +746,7 @@ def _run_switch_plans(plans: list[_SwitchPlan], *, check_finite: bool = False) -
     if not plans:
         return
     saved = update_kernels(
-        [p.layer.base_layer.kernel for p in plans], [p.restores for p in plans],
+        [p.layer.kernel_variable for p in plans], [p.restores for p in plans],
         [p.merges for p in plans], check_finite=check_finite,
         labels=[p.layer.layer_name or "?" for p in plans], tags=[p.tags for p in plans],
     )
@@ -732,7 +776,7 @@ def _merged(saved: jax.Array, merge: Any) -> jax.Array:
 
 def _check_plain(layers: Sequence[ShiraDense]) -> None:
     for layer in layers:
-        if not _fast(layer):
+        if not _concrete(layer.kernel_variable.get_raw_value()):
             raise ValueError(
                 f"Layer {layer.layer_name or '?'}: switching needs a concrete 2-D or stacked "
                 "kernel outside jit; call it eagerly."
@@ -745,7 +789,10 @@ def switch_layers(
     """`ShiraDense.switch` over many layers (plain or stacked), in place, grouped by shape."""
     _check_plain(layers)
     plans = [layer._switch_plan(old, new) for layer in layers]
-    _run_switch_plans(plans, check_finite=safe_merge)
+    _remerge_nd([(p.layer, p.order) for p in plans if p.layer.kernel_layout is not None],
+                safe_merge=safe_merge)
+    _run_switch_plans([p for p in plans if p.layer.kernel_layout is None],
+                      check_finite=safe_merge)
     if old is None or new is None:
         return
     for layer in layers:
@@ -793,16 +840,38 @@ def remerge_layers(
     plans = []
     for i, layer in enumerate(layers):
         wanted = tuple(a for a in (names[i] if per_layer else names) if a in layer.shira_weight)
-        if wanted != layer.merged_adapters:
+        if wanted != layer.merged_adapters and layer.kernel_layout is not None:
+            _remerge_nd([(layer, wanted)])
+        elif wanted != layer.merged_adapters:
             plans.append(_make_plan(layer, layer.merged_adapters, wanted, wanted))
     _run_switch_plans(plans)
+
+
+def _remerge_nd(
+    todo: Sequence[tuple[ShiraDense, tuple[str, ...]]], *, safe_merge: bool = False
+) -> None:
+    """Make `order` the merged adapters of N-D-kernel layers: unmerge (exact), then merge in
+    order, which gives the in-place engine's bits. On a refused merge every layer is put back."""
+    done: list[tuple[ShiraDense, tuple[str, ...]]] = []
+    try:
+        for layer, order in todo:
+            if layer.merged_adapters == tuple(order):
+                continue
+            done.append((layer, layer.merged_adapters))
+            unmerge_layer(layer)
+            layer.merge(order, safe_merge=safe_merge)
+    except ValueError:
+        for layer, before in reversed(done):
+            unmerge_layer(layer)
+            layer.merge(before)
+        raise
 
 
 def _set_static(module: nnx.Module, name: str, value: tuple[str, ...]) -> None:
     """Set an existing static (tuple of names) attribute; outside a trace this skips NNX's
     ~100 us of attribute bookkeeping, which only matters for new or data attributes."""
     if name in vars(module) and not isinstance(
-        module.base_layer.kernel.get_raw_value(), jax.core.Tracer
+        module.kernel_variable.get_raw_value(), jax.core.Tracer
     ):
         object.__setattr__(module, name, value)
     else:
@@ -813,14 +882,18 @@ def _concrete(value: Any) -> bool:
     return isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer)
 
 
-def _is_kernel(path: tuple[Any, ...], _: Any) -> bool:
-    return tuple(str(p) for p in path) == ("kernel",)
+def _weight_filter(attr: str) -> Callable[[tuple[Any, ...], Any], bool]:
+    """An `nnx.split` filter for the wrapped layer's weight attribute."""
+
+    def is_weight(path: tuple[Any, ...], _: Any) -> bool:
+        return tuple(str(p) for p in path) == (attr,)
+
+    return is_weight
 
 
 @contextlib.contextmanager
-def _kernel_swapped(layer: nnx.Module, kernel: jax.Array) -> Iterator[None]:
+def _kernel_swapped(variable: nnx.Variable, kernel: jax.Array) -> Iterator[None]:
     """Let the base layer run its own call (dtype, precision, kwargs) on a patched kernel."""
-    variable = layer.kernel
     original = variable.get_value()
     variable.set_value(kernel)
     try:
@@ -839,13 +912,18 @@ def unwrap(module: Any) -> Any:
 
 def is_stacked(layer: Any) -> bool:
     """True for a `ShiraDense` / `nnx.Linear` whose kernel has a leading layer axis."""
-    kernel = getattr(unwrap(layer), "kernel", None)
-    return kernel is not None and kernel.ndim == 3
+    base = unwrap(layer)
+    kernel = getattr(base, "kernel", None)
+    return isinstance(base, nnx.Linear) and isinstance(kernel, nnx.Variable) and kernel.ndim == 3
+
+
+def _kernel_of(layer: Any) -> nnx.Variable:
+    return layer.kernel_variable if isinstance(layer, ShiraDense) else unwrap(layer).kernel
 
 
 def _stack_axis_name(layer: Any) -> Any:
     """The name the layer axis carries in the kernel's `out_sharding` (None if unannotated)."""
-    kernel = unwrap(layer).kernel
+    kernel = _kernel_of(layer)
     spec = kernel.get_metadata().get("out_sharding")
     return spec[0] if spec and len(spec) == kernel.ndim else None
 
@@ -863,20 +941,20 @@ def per_slice(
 
 
 def _sharding(layer: Any) -> Any:
-    return getattr(unwrap(layer).kernel.get_value(), "sharding", None)
+    return getattr(_kernel_of(layer).get_value(), "sharding", None)
 
 
 def _restore_placement(layer: ShiraDense, before: Any) -> None:
     """Eager `nnx.vmap` outputs may land anywhere: put the kernel back on `before` (its
     sharding before the vmap) and the adapters next to it."""
-    after = layer.base_layer.kernel.get_value()
+    after = layer.kernel_variable.get_value()
     if before is not None and getattr(after, "sharding", None) != before:
-        layer.base_layer.kernel.set_value(jax.device_put(after, before))
-    kernel = layer.base_layer.kernel.get_value()
+        layer.kernel_variable.set_value(jax.device_put(after, before))
+    kernel = layer.kernel_variable.get_value()
     for group in (layer.shira_weight, layer.shira_indices):
         for name in list(group.keys()):
             var = group[name]
-            var.set_value(kernels.place_like_kernel(var.get_value(), kernel))
+            var.set_value(kernels.place_like_kernel(var.get_value(), kernel, layer._stack_ndim))
 
 
 def attach_adapter(

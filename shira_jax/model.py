@@ -217,16 +217,17 @@ def _targets(
 
 
 def _checked_target(path: str, module: nnx.Module, adapter_name: str) -> KernelView:
-    view = kernel_view(unwrap(module))
-    if view is None:
-        kernel = getattr(unwrap(module), "kernel", None)
-        if isinstance(unwrap(module), nnx.Linear) and kernel is not None:
-            raise TypeError(
-                f"Target module {path} has a {kernel.ndim}-D kernel; SHiRA needs 2-D."
-            )
+    base = unwrap(module)
+    view = kernel_view(base)
+    if view is None or view.unsupported:
+        why = view.unsupported if view is not None else "it has no weight SHiRA knows"
+        kernel = getattr(base, "kernel", None)
+        if view is None and isinstance(base, nnx.Linear) and kernel is not None:
+            why = f"its kernel is {kernel.ndim}-D; nnx.Linear needs [in, out] or [L, in, out]"
         raise TypeError(
-            f"Target module {path} is a {type(module).__name__}; SHiRA supports nnx.Linear only. "
-            "Narrow target_modules."
+            f"Target module {path} is a {type(base).__name__} that SHiRA cannot adapt: {why}. "
+            "SHiRA adapts nnx.Linear, nnx.LinearGeneral, nnx.Einsum, einsum modules with a "
+            "`w`/`kernel` weight, and kinds taught by sj.register_kernel; narrow target_modules."
         )
     if isinstance(module, ShiraDense) and adapter_name in module.adapter_names:
         raise ValueError(
@@ -368,14 +369,14 @@ def calibration_gradients(
 
     `reduction="sum_abs"` sums |g| per batch (default); `"abs_sum"` takes |sum of g|.
     """
-    wanted = {tuple(p.split(".")) for p in paths}
+    modules = dict(named_modules(model))
+    views = {p: kernel_view(unwrap(modules[p])) for p in paths if p in modules}
+    wanted = {tuple(p.split(".")): v.attr for p, v in views.items() if v is not None}
 
     def is_target(path: tuple[Any, ...], _: Any) -> bool:
         names = tuple(str(k) for k in path)
-        if names[-1] != "kernel":
-            return False
         owner = names[:-2] if len(names) > 2 and names[-2] == "base_layer" else names[:-1]
-        return owner in wanted
+        return wanted.get(owner) == names[-1]
 
     target_filter = nnx.All(nnx.Param, is_target)
 
@@ -400,7 +401,12 @@ def calibration_gradients(
     missing = [p for p in paths if p not in total]
     if missing:
         raise ValueError(f"loss_fn does not depend on the kernels of {missing}.")
-    return {p: np.asarray(jnp.abs(total[p]) if reduction == "abs_sum" else total[p]) for p in paths}
+    out = {}
+    for p in paths:
+        g = jnp.abs(total[p]) if reduction == "abs_sum" else total[p]
+        layout = views[p].layout
+        out[p] = np.asarray(g if layout is None else layout.to_matrix(g))  # [*stack, in, out]
+    return out
 
 
 # ----------------------------------------------------------------------------- management

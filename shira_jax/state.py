@@ -134,7 +134,7 @@ def extract(model: nnx.Module, adapter_name: str) -> AdapterState:
             layers[path] = LayerState(
                 layer.shira_indices[adapter_name].get_value(),
                 layer.shira_weight[adapter_name].get_value(),
-                tuple(layer.base_layer.kernel.shape),
+                kernel_view(layer.base_layer).shape,
                 layer.r[adapter_name],
             )
     if not layers:
@@ -284,10 +284,11 @@ def _check_layers(modules: Mapping[str, nnx.Module], state: AdapterState, source
                 f"{close or 'none'}). Was the adapter made for another architecture?"
             )
         view = kernel_view(unwrap(modules[path]))
-        if view is None:
+        if view is None or view.unsupported:
+            why = f": {view.unsupported}" if view is not None else ""
             raise AdapterLoadError(
                 f"{source}: layer {path!r} is a {type(modules[path]).__name__}, which SHiRA "
-                "cannot adapt."
+                f"cannot adapt{why}."
             )
         if view.shape != layer.kernel_shape:
             raise AdapterLoadError(
