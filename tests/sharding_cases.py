@@ -77,6 +77,35 @@ class ScanNet(nnx.Module):
         return scan_blocks(self.layers, x)
 
 
+class ShardedEinsum(nnx.Module):
+    """Tunix's einsum module in miniature: weight `w` with sharding metadata, an einsum."""
+
+    def __init__(self, einsum_str, shape, spec, rngs: nnx.Rngs):
+        self.einsum_str = einsum_str
+        self.w = nnx.Param(jax.random.normal(rngs.params(), shape) * 0.2, **_meta(spec))
+
+    def __call__(self, x):
+        return jnp.einsum(self.einsum_str, x, self.w[...])
+
+
+NH, HD = 4, 8  # heads, head dim of the N-D kernels
+
+
+class NDNet(nnx.Module):
+    """N-D kernels split over "model" as tensor parallelism splits heads: Tunix-style q
+    (D, N, H) and o (N, H, D), and an nnx.LinearGeneral D -> (N, H)."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.q_proj = ShardedEinsum("BD,DNH->BNH", (D, NH, HD), (None, "model", None), rngs)
+        self.o_proj = ShardedEinsum("BNH,NHD->BD", (NH, HD, D), ("model", None, None), rngs)
+        self.gate = nnx.LinearGeneral(
+            D, (NH, HD), rngs=rngs, kernel_metadata=_meta((None, "model", None))
+        )
+
+    def __call__(self, x):
+        return x + self.o_proj(nnx.relu(self.q_proj(x)) * self.gate(x))
+
+
 def build(make, mesh):
     """Build on the host (annotated, not yet placed), then place on the mesh: the path of a
     model loaded from files. Eager init compiles once per shape, whatever the mesh."""
@@ -175,7 +204,7 @@ def train_case(layout: str, mesh, ckpt_dir: Path | None = None) -> dict[str, np.
         _put(out, "init_kernel", kernels(model))
         opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=sj.ShiraParam)
         hlo, step = compiled_step(model, opt, x, y)
-        shapes = [m.base_layer.kernel.shape for _, m in sj.shira_layers(model)]
+        shapes = [m.kernel_variable.shape for _, m in sj.shira_layers(model)]
         out["full_gathers"] = np.array(len(sharding.full_kernel_gathers(hlo, shapes)))
         graphdef, state = nnx.split(model)
         jaxpr = str(jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))(state, x))
@@ -230,7 +259,7 @@ def stacked_case(mesh, ckpt_dir: Path | None = None) -> dict[str, np.ndarray]:
         y = jax.device_put(y, sharding.batch_sharding(mesh, "data"))
         opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=sj.ShiraParam)
         hlo, step = compiled_step(model, opt, x, y)
-        shapes = [m.base_layer.kernel.shape for _, m in sj.shira_layers(model)]
+        shapes = [m.kernel_variable.shape for _, m in sj.shira_layers(model)]
         out["full_gathers"] = np.array(len(sharding.full_kernel_gathers(hlo, shapes)))
         out["losses"] = np.array([float(step()) for _ in range(STEPS)])
         _put(out, "values", values(model))
@@ -239,6 +268,28 @@ def stacked_case(mesh, ckpt_dir: Path | None = None) -> dict[str, np.ndarray]:
         _, _, out["y"] = _merge_round_trip(out, model, x)  # sj.merge routes stacked layers
         flat = stacked.unstack_adapter(model, "default")
         out["unstacked_paths"] = np.array(sorted(flat))
+    return out
+
+
+def nd_case(mesh) -> dict[str, np.ndarray]:
+    """N-D kernels (einsum, LinearGeneral) on a mesh: train, HLO, merge / unmerge."""
+    out: dict[str, np.ndarray] = {}
+    model = build(lambda: NDNet(nnx.Rngs(0)), mesh)
+    with jax.set_mesh(mesh):
+        sj.apply_shira(model, cfg(target_modules=["q_proj", "o_proj", "gate"]))
+        x, y = data()
+        x = jax.device_put(x, sharding.batch_sharding(mesh, "data"))
+        y = jax.device_put(y, sharding.batch_sharding(mesh, "data"))
+        opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=sj.ShiraParam)
+        hlo, step = compiled_step(model, opt, x, y)
+        shapes = [m.kernel_variable.shape for _, m in sj.shira_layers(model)]
+        out["full_gathers"] = np.array(len(sharding.full_kernel_gathers(hlo, shapes)))
+        graphdef, state = nnx.split(model)
+        jaxpr = str(jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))(state, x))
+        out["uses_shard_map"] = np.array("shard_map" in jaxpr)
+        out["losses"] = np.array([float(step()) for _ in range(STEPS)])
+        _put(out, "values", values(model))
+        _merge_round_trip(out, model, x)
     return out
 
 

@@ -2,8 +2,9 @@
 
     python tests/sharding_worker.py N OUT.npz MODE[,MODE...] [CKPT_DIR]
 
-MODE: train (dp, tp, fsdp, fsdp_full + stacked; saves checkpoints to CKPT_DIR), restore
-(loads them), bench. The device count must be fixed before jax is imported, hence a process.
+MODE: train (dp, tp, fsdp, fsdp_full + stacked + N-D kernels; saves checkpoints to
+CKPT_DIR), restore (loads them), bench. The device count must be fixed before jax is
+imported, hence a process.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def main() -> None:
             results[f"stacked/{k}"] = v
         for k, v in cases.scatter_case(mesh).items():
             results[f"scatter/{k}"] = v
+        for k, v in cases.nd_case(mesh).items():
+            results[f"nd/{k}"] = v
     if "restore" in modes:
         for k, v in cases.restore_case(mesh, ckpt).items():
             results[f"restore/{k}"] = v

@@ -66,6 +66,7 @@ def runs(tmp_path_factory):
     mesh = cases.mesh_for(1)
     ref = {f"train/{k}": v for k, v in cases.train_case("tp", mesh).items()}
     ref.update({f"stacked/{k}": v for k, v in cases.stacked_case(mesh).items()})
+    ref.update({f"nd/{k}": v for k, v in cases.nd_case(mesh).items()})
     r8 = _finish(p8, work / "r8.npz")
     p4 = _start(4, work / "r4.npz", "restore", ckpt)
     r1 = cases.restore_case(mesh, ckpt)
@@ -98,6 +99,19 @@ def test_training_step_matches_one_device(runs, layout):
 def test_no_full_kernel_all_gather(runs, layout):
     _, r8, *_ = runs
     assert int(r8[f"{layout}/full_gathers"]) == 0
+
+
+def test_nd_kernels_on_the_mesh_match_one_device_without_full_gathers(runs):
+    """Einsum (D, N, H) / (N, H, D) and LinearGeneral kernels split over "model": each device
+    scatters into its own block (shard_map), the step equals one device, merge is exact."""
+    ref, r8, *_ = runs
+    assert int(r8["nd/full_gathers"]) == 0
+    assert bool(r8["nd/uses_shard_map"])
+    _close(r8["nd/losses"], ref["nd/losses"])
+    for key in [k for k in ref if k.startswith("nd/values/")]:
+        _close(r8[key], ref[key])
+    for flag in ("merge_close", "unmerge_exact", "merge_sharding_kept", "unmerge_sharding_kept"):
+        assert bool(r8[f"nd/{flag}"]), flag
 
 
 def test_full_kernel_gather_detector_has_teeth(runs):
