@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import sys
 import weakref
@@ -294,6 +295,9 @@ class ShiraDense(nnx.Module):
     recompute_in_backward: bool = True
 
     def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+        mix = _MIX.get()
+        if mix is not None and not self.disabled and set(mix[0]) & set(self.adapter_names):
+            return self._mixed_call(mix, inputs, *args, **kwargs)
         live = self._live_adapters()
         if not live:
             return self.base_layer(inputs, *args, **kwargs)
@@ -333,6 +337,59 @@ class ShiraDense(nnx.Module):
             tuple(self.shira_weight[a][...] for a in live),
             (inputs, rest, [leaves[i] for i in dynamic]),
         )
+
+    def _mixed_call(
+        self, mix: tuple[tuple[str, ...], jax.Array], inputs: jax.Array, *args: Any, **kwargs: Any
+    ) -> jax.Array:
+        """One adapter (or none: id -1) per example along the leading axis of `inputs`: each
+        example runs the base layer's own call on its own patched kernel (one batched matmul).
+        """
+        names, ids = mix
+        if self.merged_adapters:
+            raise ValueError(
+                f"Layer {self.layer_name or '?'}: adapters {list(self.merged_adapters)} are "
+                "merged; unmerge before mixing adapters per example."
+            )
+        if jnp.ndim(ids) != 1 or inputs.shape[0] != ids.shape[0]:
+            raise ValueError(
+                f"Layer {self.layer_name or '?'}: {jnp.shape(ids)} adapter ids for inputs of "
+                f"shape {inputs.shape}; give one id per example (the leading axis)."
+            )
+        kernel = self.kernel_variable[...]
+        layout = self.kernel_layout
+        matrix = kernel if layout is None else layout.to_storage(kernel)
+        nnz = max(int(self.shira_indices[a].shape[-1]) for a in self.adapter_names)
+        # One row per model adapter, in the matrix's own (storage) positions, plus one for the
+        # base; padding and absent adapters point past the last row (ops.scatter_block drops
+        # them), so every example's kernel is rounded exactly as the one-adapter forward does.
+        empty = jnp.stack([jnp.full((nnz,), matrix.shape[0], jnp.int32), jnp.zeros(nnz, jnp.int32)])
+        table_idx, table_vals = [], []
+        for a in names:
+            if a not in self.shira_weight:
+                table_idx.append(empty)
+                table_vals.append(jnp.zeros((nnz,), jnp.float32))
+                continue
+            i = self.shira_indices[a][...]
+            i = i if layout is None else layout.storage_indices(i)
+            pad = nnz - i.shape[-1]
+            table_idx.append(jnp.concatenate([i, empty[:, :pad]], axis=1))
+            v = self.shira_weight[a][...].astype(jnp.float32) * jnp.float32(self.scaling[a])
+            table_vals.append(jnp.pad(v, (0, pad)))
+        table_idx.append(empty)
+        table_vals.append(jnp.zeros((nnz,), jnp.float32))
+        rows = jnp.where(ids < 0, len(names), ids)
+        picked_idx, picked_vals = jnp.stack(table_idx)[rows], jnp.stack(table_vals)[rows]
+        graphdef, kernel_state, rest = nnx.split(
+            self.base_layer, _weight_filter(self.weight_attr), ...
+        )
+
+        def one(i: jax.Array, v: jax.Array, x: jax.Array) -> jax.Array:
+            k = ops.scatter_block(matrix, i[0], i[1], v, jnp.float32(1.0))
+            k = k if layout is None else layout.to_native(k)
+            patched = jax.tree.map(lambda _: k, kernel_state)
+            return nnx.merge(graphdef, patched, rest)(x[None], *args, **kwargs)[0]
+
+        return jax.vmap(one)(picked_idx, picked_vals, inputs)
 
     # ------------------------------------------------------------------ merge
     def plan_merge(
@@ -900,6 +957,25 @@ def _kernel_swapped(variable: nnx.Variable, kernel: jax.Array) -> Iterator[None]
         yield
     finally:
         variable.set_value(original)
+
+
+# ----------------------------------------------------------------------------- mixed batches
+
+#: (model-wide adapter names, int32 id per example) while `mixed_adapters` is active
+_MIX: contextvars.ContextVar[tuple[tuple[str, ...], Any] | None] = contextvars.ContextVar(
+    "shira_mixed_adapters", default=None
+)
+
+
+@contextlib.contextmanager
+def mixed_batch(names: Sequence[str], ids: Any) -> Iterator[None]:
+    """Within the block, every `ShiraDense` call uses adapter `names[ids[b]]` (or, for -1, the
+    base) for example `b`. Use `sj.mixed_adapters(model, ids)`, which checks the model first."""
+    token = _MIX.set((tuple(names), ids))
+    try:
+        yield
+    finally:
+        _MIX.reset(token)
 
 
 # ----------------------------------------------------------------------------- any kernel view

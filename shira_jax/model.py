@@ -37,6 +37,7 @@ from shira_jax.layer import (
     ShiraDense,
     attach_adapter,
     merge_layers,
+    mixed_batch,
     remerge_layers,
     switch_layers,
     unmerge_layers,
@@ -457,6 +458,67 @@ def disable_adapter(model: nnx.Module) -> Iterator[nnx.Module]:
             remerge_layers(layers, remerge)
         for wrapper in wrappers:
             wrapper.disabled = False
+
+
+def adapter_index(model: nnx.Module, names: Sequence[str | None]) -> jax.Array:
+    """int32 id per example for `mixed_adapters`: the adapter's position among the model's
+    adapters (`adapter_names`), -1 for None (the base model).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> import shira_jax as sj
+        >>> class Net(nnx.Module):
+        ...     def __init__(self):
+        ...         self.proj = nnx.Linear(4, 4, rngs=nnx.Rngs(0))
+        ...     def __call__(self, x):
+        ...         return self.proj(x)
+        >>> net = Net()
+        >>> for i, name in enumerate(["a", "b"]):
+        ...     _ = sj.apply_shira(net, sj.ShiraConfig(r=1, target_modules=["proj"],
+        ...                        random_seed=i, init_weights=False), adapter_name=name)
+        >>> ids = sj.adapter_index(net, ["b", None, "a"])
+        >>> ids.tolist()
+        [1, -1, 0]
+        >>> x = jnp.ones((3, 4))
+        >>> with sj.mixed_adapters(net, ids):
+        ...     y = net(x)
+        >>> sj.set_adapter(net, "b")
+        >>> bool(jnp.allclose(y[0], net(x[:1])[0], atol=1e-6))
+        True
+    """
+    known = adapter_names(model)
+    missing = [n for n in names if n is not None and n not in known]
+    if missing:
+        raise KeyError(f"No adapter named {missing} in this model; it has {list(known)}.")
+    return jnp.asarray([-1 if n is None else known.index(n) for n in names], jnp.int32)
+
+
+@contextlib.contextmanager
+def mixed_adapters(model: nnx.Module, ids: Any) -> Iterator[nnx.Module]:
+    """Run example `b` of every call with adapter `ids[b]` (from `adapter_index`; -1 = base).
+
+    `ids` is data: inside `nnx.jit` pass it as an argument and enter the block inside the jitted
+    function, so one compilation serves every mix. Scales apply per adapter; `set_adapter`
+    does not matter here. Merged adapters are refused (unmerge first), as are models with
+    `modules_to_save` copies (one copy per example is not supported).
+
+    Example: see `adapter_index`.
+    """
+    layers, wrappers = _wrappers_fast(model)
+    merged = sorted({a for layer in layers for a in layer.merged_adapters})
+    if merged:
+        raise ValueError(
+            f"Adapters {merged} are merged into the kernels; sj.unmerge(model) before running "
+            "a mixed-adapter batch."
+        )
+    if any(len(w.modules_to_save) for w in wrappers):
+        raise ValueError(
+            "Mixed-adapter batches do not support modules_to_save (one module copy per "
+            "example); run such adapters one at a time."
+        )
+    with mixed_batch(adapter_names(model), ids):
+        yield model
 
 
 def merge(
