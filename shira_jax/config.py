@@ -50,6 +50,7 @@ _PEFT_FIELDS: tuple[str, ...] = (
 )
 # Our options that PEFT has no field for; stored under this key so PEFT ignores them.
 EXTRA_KEY = "shira_jax"
+DELTA_MODES = ("patched", "sparse", "auto")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -79,6 +80,12 @@ class ShiraConfig:
             (the paper's non-overlapping masks for fusion).
         struct_stride: for "struct", keep every `struct_stride`-th row/column (None: as
             many as the budget allows).
+        delta_mode: how the forward applies the delta (ours, not a PEFT field): "patched"
+            scatters the values into a copy of the kernel and runs the layer's one matmul;
+            "sparse" runs the base layer and adds `x @ S` from the `nnz` entries
+            (`ops.sparse_product`; `[in, out]` kernels); "auto" picks per layer and call by
+            the crossover measured in BENCHMARKS.md (sparse for few tokens: decoding).
+            Default "patched", PEFT's forward.
     """
 
     r: int = 32
@@ -93,6 +100,7 @@ class ShiraConfig:
     topk_scope: Literal["layer"] = "layer"
     exclude_adapters: tuple[str, ...] = ()
     struct_stride: int | None = None
+    delta_mode: Literal["patched", "sparse", "auto"] = "patched"
     # Base PEFT fields, carried through to adapter_config.json.
     task_type: str | None = None
     inference_mode: bool = False
@@ -129,6 +137,10 @@ class ShiraConfig:
             )
         if self.topk_scope != "layer":
             raise ValueError(f'topk_scope must be "layer", got {self.topk_scope!r}.')
+        if self.delta_mode not in DELTA_MODES:
+            raise ValueError(
+                f"delta_mode must be one of {DELTA_MODES}, got {self.delta_mode!r}."
+            )
         if self.struct_stride is not None and self.struct_stride <= 0:
             raise ValueError(f"struct_stride must be positive, got {self.struct_stride}.")
         seed = self.random_seed
@@ -171,6 +183,7 @@ class ShiraConfig:
             "topk_scope": self.topk_scope,
             "exclude_adapters": list(self.exclude_adapters),
             "struct_stride": self.struct_stride,
+            "delta_mode": self.delta_mode,
         }
         return out
 

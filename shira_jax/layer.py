@@ -94,6 +94,7 @@ class ShiraDense(nnx.Module):
         self.merge_backup = nnx.Dict()
         self.r: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
+        self.delta_mode: dict[str, str] = {}
         self.active_adapters: tuple[str, ...] = ()
         self.merged_adapters: tuple[str, ...] = ()
         self.disabled = False
@@ -146,6 +147,7 @@ class ShiraDense(nnx.Module):
         key: jax.Array | None = None,
         param_dtype: jnp.dtype = jnp.float32,
         active: bool = True,
+        delta_mode: str = "patched",
     ) -> None:
         """Add an adapter at `indices` (`[2, nnz]`, kernel layout, unique).
 
@@ -154,6 +156,12 @@ class ShiraDense(nnx.Module):
         """
         if adapter in self.shira_weight:
             raise ValueError(f"Layer {self.layer_name}: adapter {adapter!r} already exists.")
+        if delta_mode == "sparse" and self.kernel_layout is not None:
+            raise ValueError(
+                f"Layer {self.layer_name or '?'}: delta_mode='sparse' needs an [in, out] kernel "
+                f"(nnx.Linear); this {type(self.base_layer).__name__}'s weight is "
+                f"{tuple(self.kernel_variable.shape)}. Use 'patched' or 'auto'."
+            )
         idx = jnp.asarray(indices, jnp.int32)
         nnz = idx.shape[1]
         if values is None:
@@ -179,6 +187,7 @@ class ShiraDense(nnx.Module):
         self.shira_indices[adapter] = ShiraIndices(idx, **imeta)
         self.r = {**self.r, adapter: int(r)}
         self.scaling = {**self.scaling, adapter: 1.0}
+        self.delta_mode = {**self.delta_mode, adapter: delta_mode}
 
     def delete_adapter(self, adapter: str) -> None:
         self._require(adapter)
@@ -192,6 +201,7 @@ class ShiraDense(nnx.Module):
             del self.merge_backup[adapter]
         self.r = {k: v for k, v in self.r.items() if k != adapter}
         self.scaling = {k: v for k, v in self.scaling.items() if k != adapter}
+        self.delta_mode = {k: v for k, v in self.delta_mode.items() if k != adapter}
         self.active_adapters = tuple(a for a in self.active_adapters if a != adapter)
 
     def set_adapter(self, adapters: str | Sequence[str]) -> None:
@@ -301,6 +311,39 @@ class ShiraDense(nnx.Module):
         live = self._live_adapters()
         if not live:
             return self.base_layer(inputs, *args, **kwargs)
+        tokens = math.prod(inputs.shape[:-1])
+        sparse = tuple(a for a in live if self.resolved_mode(a, tokens) == "sparse")
+        if not sparse:
+            return self._patched_forward(live, inputs, *args, **kwargs)
+        patched = tuple(a for a in live if a not in sparse)
+        if patched:
+            out = self._patched_forward(patched, inputs, *args, **kwargs)
+        else:
+            out = self.base_layer(inputs, *args, **kwargs)
+        for a in sparse:
+            delta = ops.sparse_product(
+                inputs, self.shira_indices[a][...], self.shira_weight[a][...],
+                self.out_features, self.scaling[a],
+            )
+            out = out + delta.astype(out.dtype)
+        return out
+
+    def resolved_mode(self, adapter: str, tokens: int) -> str:
+        """"patched" or "sparse": the adapter's `delta_mode`, with "auto" decided for a call
+        over `tokens` input rows (`ops.prefer_sparse`; N-D kernels are always patched)."""
+        mode = self.delta_mode.get(adapter, "patched")
+        if mode != "auto":
+            return mode
+        if self.kernel_layout is not None:
+            return "patched"
+        nnz = int(self.shira_indices[adapter].shape[-1])
+        sparse = ops.prefer_sparse(tokens, nnz, self.in_features, self.out_features)
+        return "sparse" if sparse else "patched"
+
+    def _patched_forward(
+        self, live: tuple[str, ...], inputs: jax.Array, *args: Any, **kwargs: Any
+    ) -> jax.Array:
+        """The base layer's own call on `kernel + deltas of live` (one matmul)."""
         kernel = self.kernel_variable[...]
         if not self.recompute_in_backward:
             with _kernel_swapped(self.kernel_variable, self._patched(kernel, live)):
@@ -1042,6 +1085,7 @@ def attach_adapter(
     r: int,
     active: Sequence[str],
     path: str = "",
+    delta_mode: str = "patched",
 ) -> ShiraDense:
     """Add `adapter` to `node` (a `ShiraDense`, or a layer it then wraps) and return the wrapper.
 
@@ -1052,7 +1096,9 @@ def attach_adapter(
     is_active = adapter in active
     if not is_stacked(node):
         layer = node if isinstance(node, ShiraDense) else ShiraDense(node, name=path)
-        layer.add_adapter(adapter, indices, r=r, values=values, active=is_active)
+        layer.add_adapter(
+            adapter, indices, r=r, values=values, active=is_active, delta_mode=delta_mode
+        )
         if layer is not node:
             layer.set_adapter(tuple(active))
         return layer
@@ -1060,7 +1106,7 @@ def attach_adapter(
     if isinstance(node, ShiraDense):
 
         def add(layer: ShiraDense, i: jax.Array, v: jax.Array) -> None:
-            layer.add_adapter(adapter, i, r=r, values=v, active=is_active)
+            layer.add_adapter(adapter, i, r=r, values=v, active=is_active, delta_mode=delta_mode)
 
         before = _sharding(node)
         per_slice(add, node, in_axes=(0, 0, 0), out_axes=None)(node, idx, values)
@@ -1071,7 +1117,7 @@ def attach_adapter(
 
     def build(state: nnx.State, i: jax.Array, v: jax.Array) -> ShiraDense:
         layer = ShiraDense(nnx.merge(graphdef, state), name=path)
-        layer.add_adapter(adapter, i, r=r, values=v, active=is_active)
+        layer.add_adapter(adapter, i, r=r, values=v, active=is_active, delta_mode=delta_mode)
         layer.set_adapter(tuple(active))
         return layer
 

@@ -169,6 +169,13 @@ def apply_shira(
     modules = dict(named_modules(model))
     targets = _targets(model, modules, config, indices, model_type)
     views = {t: _checked_target(t, modules[t], adapter_name) for t in targets}
+    if config.delta_mode == "sparse":
+        n_d = [t for t, v in views.items() if v.layout is not None]
+        if n_d:
+            raise ValueError(
+                f"delta_mode='sparse' needs [in, out] kernels (nnx.Linear); {n_d[:3]} have N-D "
+                "weights. Use delta_mode='auto' (patched there) or narrow target_modules."
+            )
     save_paths = (
         select_modules_to_save(modules, config.modules_to_save, targets)
         if config.modules_to_save
@@ -186,7 +193,7 @@ def apply_shira(
         node = modules[path]
         layer = attach_adapter(
             node, adapter_name, new_indices[path], new_values[path],
-            r=config.r, active=active, path=path,
+            r=config.r, active=active, path=path, delta_mode=config.delta_mode,
         )
         if layer is not node:
             set_submodule(model, path, layer)

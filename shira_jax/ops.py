@@ -7,6 +7,9 @@ Three kinds of function live here:
 
 * the delta itself: `scatter_delta` (kernel + scaled values, rounded once), `restore_entries`
   (the exact inverse of a merge) and `dense_delta`;
+* `sparse_product`, the delta applied without a kernel: `x @ S` from the `nnz` entries only
+  (a hand-written backward: the sampled product for the values, the transposed sparse product
+  for the input), for kernels that cannot be patched (quantized) and per-example adapters;
 * `patched_call`, the training forward: one matmul on the patched kernel whose backward pass
   recomputes that kernel instead of keeping it, so a SHiRA step holds no more memory than a
   LoRA step (see BENCHMARKS.md);
@@ -54,9 +57,11 @@ __all__ = [
     "host_writable",
     "merge_entries",
     "patched_call",
+    "prefer_sparse",
     "restore_entries",
     "scatter_block",
     "scatter_delta",
+    "sparse_product",
     "switch_entries",
     "switch_group",
     "switch_kernels",
@@ -667,3 +672,74 @@ def _patched_call_bwd(patch, apply, residuals, cotangent):
 
 
 _patched_call.defvjp(_patched_call_fwd, _patched_call_bwd)
+
+
+# ----------------------------------------------------------------------------- sparse product
+
+#: "auto" picks the sparse product when a call's `tokens * nnz` is at most this fraction of
+#: the kernel's `in * out` entries (where the kernel copy + scatter of the patched path costs
+#: more than the gathers of the sparse one); measured in BENCHMARKS.md ("Sparse vs patched").
+SPARSE_CROSSOVER = 0.15
+
+
+def prefer_sparse(tokens: int, nnz: int, n_in: int, n_out: int) -> bool:
+    """True when `delta_mode="auto"` should use `sparse_product` for one call (see
+    `SPARSE_CROSSOVER`).
+
+    >>> prefer_sparse(1, 524288, 4096, 4096), prefer_sparse(512, 524288, 4096, 4096)  # r=64
+    (True, False)
+    """
+    return tokens * nnz <= SPARSE_CROSSOVER * n_in * n_out
+
+
+def sparse_product(
+    x: jax.Array, indices: jax.Array, values: jax.Array, n_out: int, scale: Any = 1.0
+) -> jax.Array:
+    """`x @ S` for the sparse `[in, out]` delta `S` (`scale * values` at `indices`), in fp32.
+
+    Gathers the input columns at the row indices, multiplies by the values and sums into the
+    output columns: `2 * tokens * nnz` FLOPs, and no `[in, out]` array at any point. The
+    backward pass is written by hand: the values' gradient is the sampled product
+    `sum_t x[t, row_k] * g[t, col_k]` (`tokens * nnz`, never the dense `x^T g`), the input's
+    the transposed sparse product.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from shira_jax import ops
+        >>> idx = jnp.array([[0, 1], [2, 0]], jnp.int32)
+        >>> x = jnp.array([[1.0, 2.0]])
+        >>> ops.sparse_product(x, idx, jnp.array([3.0, 4.0]), n_out=3).tolist()
+        [[8.0, 0.0, 3.0]]
+        >>> (x @ dense_delta((2, 3), idx, jnp.array([3.0, 4.0]))).tolist()
+        [[8.0, 0.0, 3.0]]
+    """
+    scale = jnp.asarray(scale, jnp.float32)
+    return _sparse_product(x, indices, values, scale, int(n_out))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _sparse_product(x, indices, values, scale, n_out):  # noqa: ANN001, ANN202
+    picked = jnp.take(x, indices[0], axis=-1).astype(jnp.float32)  # [..., nnz]
+    contrib = picked * (scale * values.astype(jnp.float32))
+    out = jnp.zeros((*x.shape[:-1], n_out), jnp.float32)
+    return out.at[..., indices[1]].add(contrib)
+
+
+def _sparse_product_fwd(x, indices, values, scale, n_out):  # noqa: ANN001, ANN202
+    return _sparse_product(x, indices, values, scale, n_out), (x, indices, values, scale)
+
+
+def _sparse_product_bwd(n_out, residuals, g):  # noqa: ANN001, ANN202
+    x, indices, values, scale = residuals
+    g_cols = jnp.take(g, indices[1], axis=-1)  # [..., nnz]
+    x_rows = jnp.take(x, indices[0], axis=-1).astype(jnp.float32)
+    sampled = jnp.sum((x_rows * g_cols).reshape(-1, indices.shape[-1]), axis=0)  # [nnz]
+    v = values.astype(jnp.float32)
+    d_values = (scale * sampled).astype(values.dtype)
+    d_scale = jnp.sum(sampled * v).astype(scale.dtype)
+    d_x = jnp.zeros(x.shape, jnp.float32).at[..., indices[0]].add(g_cols * (scale * v))
+    d_indices = np.zeros(np.shape(indices), jax.dtypes.float0)
+    return d_x.astype(x.dtype), d_indices, d_values, d_scale
+
+
+_sparse_product.defvjp(_sparse_product_fwd, _sparse_product_bwd)
