@@ -84,7 +84,7 @@ class AdapterBank:
     def _kernel(self, path: str) -> nnx.Variable:
         module = unwrap(get_submodule(self.model, path))
         view = kernel_view(module)
-        if view is None or view.unsupported or view.layout is not None:
+        if view is None or view.unsupported or view.layout is not None or view.quantized:
             raise TypeError(
                 f"{path} is a {type(module).__name__}; AdapterBank switches nnx.Linear kernels "
                 "([in, out] or stacked [L, in, out]). Use sj.switch_adapter for other kinds."

@@ -428,6 +428,8 @@ def _placement(modules: Mapping[str, nnx.Module], mesh: Any) -> Placement:
 
     def place(path: str, kind: str, shape: tuple[int, ...]) -> Any:
         view = kernel_view(unwrap(modules[path]))
+        if view.variable is None:  # a quantized kernel: arrays stay where they load
+            return None
         value = view.variable.get_value()
         current = getattr(value, "sharding", None)
         kmesh = mesh

@@ -134,6 +134,8 @@ class KernelView:
         attr: the module attribute that holds the weight (`"kernel"`, Tunix's `"w"`, ...).
         layout: how an N-D kernel forms the matrix (None: the kernel is `[*stack, in, out]`).
         unsupported: why SHiRA cannot adapt this weight yet ("" when it can).
+        quantized: the weight is quantized (qwix `WithAux`): SHiRA adds the sparse product to
+            the quantized base matmul and never writes the weight.
     """
 
     module: nnx.Module
@@ -144,6 +146,7 @@ class KernelView:
     attr: str = "kernel"
     layout: KernelLayout | None = None
     unsupported: str = ""
+    quantized: bool = False
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -159,6 +162,11 @@ class KernelView:
 
     def array(self) -> Any:
         """The weight's current value as `[*stack, in, out]`."""
+        if self.variable is None:
+            raise ValueError(
+                f"The weight of this {type(self.module).__name__} is quantized; masks that read "
+                "the kernel (weight_magnitude, snip) need a float one: pick 'random' or 'struct'."
+            )
         value = self.variable.get_value()
         return value if self.layout is None else self.layout.to_matrix(value)
 
@@ -236,6 +244,9 @@ def register_kernel(
     _REGISTRY[module_type] = view
 
 
+QUANTIZED = "quantized"  # `_weight`'s reason for a qwix-quantized weight (adapted sparsely)
+
+
 def _weight(module: Any, attr: str) -> tuple[nnx.Variable | None, tuple[int, ...], str]:
     """The weight Variable, its shape, and why it cannot be adapted ("" if it can)."""
     weight = getattr(module, attr, None)
@@ -246,11 +257,7 @@ def _weight(module: Any, attr: str) -> tuple[nnx.Variable | None, tuple[int, ...
     if isinstance(weight, nnx.Variable) and hasattr(value, "dtype") and not quantized:
         return weight, shape, ""
     if quantized:
-        return None, shape, (
-            f"its weight {attr!r} is quantized ({kind}, by qwix); SHiRA on a quantized base "
-            "needs the sparse delta path (QSHiRA), not available yet. Apply SHiRA to the float "
-            "model, or dequantize these layers first."
-        )
+        return None, shape, QUANTIZED
     return None, shape, f"its weight {attr!r} is a {kind}, not an nnx.Variable holding an array"
 
 
@@ -268,6 +275,11 @@ def _axes_view(
     in_axes = tuple(a % ndim for a in in_axes)
     out_axes = tuple(a % ndim for a in out_axes)
     layout = KernelLayout(shape, in_axes, out_axes)
+    if why == QUANTIZED:
+        why = (
+            f"its weight {attr!r} is quantized (qwix); SHiRA adapts quantized nnx.Linear "
+            "kernels only (the sparse product on the quantized matmul), not N-D ones"
+        )
     if sorted(in_axes + out_axes + stack_axes) != list(range(ndim)) and not why:
         why = (
             f"its weight {attr!r} {shape} has axes that are neither contracted with the input "
@@ -327,6 +339,8 @@ def _einsum_view(module: Any, attr: str, spec: Any) -> KernelView | None:
 
 def _linear_view(module: nnx.Linear) -> KernelView | None:
     variable, shape, why = _weight(module, "kernel")
+    if why == QUANTIZED and len(shape) == 2:
+        return KernelView(module, None, (), shape[0], shape[1], quantized=True)
     if variable is None:
         return _axes_view(module, "kernel", (0,), (1,), ()) if why and len(shape) == 2 else None
     if len(shape) not in (2, 3):

@@ -89,6 +89,7 @@ class ShiraDense(nnx.Module):
         self.base_layer = base_layer
         self.weight_attr = view.attr
         self.kernel_layout = view.layout
+        self.quantized = view.quantized  # a qwix kernel: always the sparse product, no merge
         self.shira_weight = nnx.Dict()
         self.shira_indices = nnx.Dict()
         self.merge_backup = nnx.Dict()
@@ -179,10 +180,12 @@ class ShiraDense(nnx.Module):
         kind = ShiraParam if active else ShiraFrozenValues
         # Sharding metadata derived from the kernel's (kernels.adapter_metadata); the arrays
         # are placed on the kernel's mesh, so nnx.get_partition_spec + jit need nothing else.
-        kernel, lead = self.kernel_variable, self._stack_ndim
-        vmeta, imeta = kernels.adapter_metadata(kernel, lead)
-        values = kernels.place_like_kernel(values, kernel.get_value(), lead)
-        idx = kernels.place_like_kernel(idx, kernel.get_value(), lead)
+        vmeta, imeta = {}, {}
+        if not self.quantized:
+            kernel, lead = self.kernel_variable, self._stack_ndim
+            vmeta, imeta = kernels.adapter_metadata(kernel, lead)
+            values = kernels.place_like_kernel(values, kernel.get_value(), lead)
+            idx = kernels.place_like_kernel(idx, kernel.get_value(), lead)
         self.shira_weight[adapter] = kind(values, **vmeta)
         self.shira_indices[adapter] = ShiraIndices(idx, **imeta)
         self.r = {**self.r, adapter: int(r)}
@@ -228,6 +231,8 @@ class ShiraDense(nnx.Module):
 
         Use after changing the kernel's `out_sharding` (e.g. `sharding.annotate`).
         """
+        if self.quantized:
+            return
         lead = self._stack_ndim
         vmeta, imeta = kernels.adapter_metadata(self.kernel_variable, lead)
         kernel = self.kernel_variable.get_value()
@@ -332,6 +337,8 @@ class ShiraDense(nnx.Module):
         """"patched" or "sparse": the adapter's `delta_mode`, with "auto" decided for a call
         over `tokens` input rows (`ops.prefer_sparse`; N-D kernels are always patched)."""
         mode = self.delta_mode.get(adapter, "patched")
+        if self.quantized:
+            return "sparse"
         if mode != "auto":
             return mode
         if self.kernel_layout is not None:
@@ -388,6 +395,11 @@ class ShiraDense(nnx.Module):
         example runs the base layer's own call on its own patched kernel (one batched matmul).
         """
         names, ids = mix
+        if self.quantized:
+            raise ValueError(
+                f"Layer {self.layer_name or '?'}: its kernel is quantized; mixed-adapter batches "
+                "need float kernels. Run the adapters one at a time."
+            )
         if self.merged_adapters:
             raise ValueError(
                 f"Layer {self.layer_name or '?'}: adapters {list(self.merged_adapters)} are "
@@ -441,6 +453,13 @@ class ShiraDense(nnx.Module):
         """Merged kernel, per-adapter backups and names to merge, without changing the layer."""
         names = self.active_adapters if adapter_names is None else as_tuple(adapter_names)
         names = tuple(a for a in names if a in self.shira_weight and a not in self.merged_adapters)
+        if self.quantized and names:
+            raise ValueError(
+                f"Layer {self.layer_name or '?'}: its kernel is quantized (qwix); merging "
+                f"{list(names)} would need dequantize, add, requantize, which changes every "
+                "weight by the quantization error. Keep the adapter unmerged (the forward adds "
+                "the sparse product), or merge into the float model before quantizing."
+            )
         kernel = self.kernel_variable[...]
         backups: dict[str, jax.Array] = {}
         if self._scatter(kernel) is not ops.scatter_delta:  # split over a mesh, or N-D
@@ -601,7 +620,7 @@ def _sole_owner(values: list[Any], i: int) -> bool:
 
 def _fast(layer: ShiraDense) -> bool:
     """The in-place engine applies: a concrete kernel (2-D or stacked), outside any trace."""
-    if layer.kernel_layout is not None:  # N-D kernels merge through plan_merge
+    if layer.kernel_layout is not None or layer.quantized:  # these merge through plan_merge
         return False
     value = layer.kernel_variable.get_raw_value()
     return _concrete(value) and value.ndim in (2, 3)
@@ -876,6 +895,11 @@ def _merged(saved: jax.Array, merge: Any) -> jax.Array:
 
 def _check_plain(layers: Sequence[ShiraDense]) -> None:
     for layer in layers:
+        if layer.quantized:
+            raise ValueError(
+                f"Layer {layer.layer_name or '?'}: its kernel is quantized; merged-mode "
+                "switching is not available there (adapters stay unmerged)."
+            )
         if not _concrete(layer.kernel_variable.get_raw_value()):
             raise ValueError(
                 f"Layer {layer.layer_name or '?'}: switching needs a concrete 2-D or stacked "
@@ -970,9 +994,11 @@ def _remerge_nd(
 def _set_static(module: nnx.Module, name: str, value: tuple[str, ...]) -> None:
     """Set an existing static (tuple of names) attribute; outside a trace this skips NNX's
     ~100 us of attribute bookkeeping, which only matters for new or data attributes."""
-    if name in vars(module) and not isinstance(
-        module.kernel_variable.get_raw_value(), jax.core.Tracer
-    ):
+    probe = module.kernel_variable
+    if module.quantized:  # a qwix kernel: look at the adapter values instead
+        probe = next(iter(module.shira_weight.values()), None)
+    raw = probe.get_raw_value() if isinstance(probe, nnx.Variable) else None
+    if name in vars(module) and not isinstance(raw, jax.core.Tracer):
         object.__setattr__(module, name, value)
     else:
         setattr(module, name, value)

@@ -169,6 +169,13 @@ def apply_shira(
     modules = dict(named_modules(model))
     targets = _targets(model, modules, config, indices, model_type)
     views = {t: _checked_target(t, modules[t], adapter_name) for t in targets}
+    quantized = [t for t, v in views.items() if v.quantized]
+    if quantized and config.mask_fn is None and config.mask_type not in ("random", "struct"):
+        raise ValueError(
+            f"{quantized[:3]} have quantized kernels; mask_type={config.mask_type!r} reads the "
+            "float kernel or its gradient. Use 'random' or 'struct' there (or make the mask on "
+            "the float model and pass indices=)."
+        )
     if config.delta_mode == "sparse":
         n_d = [t for t, v in views.items() if v.layout is not None]
         if n_d:

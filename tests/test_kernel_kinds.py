@@ -278,20 +278,22 @@ def test_targets_that_cannot_be_adapted_are_type_errors_and_change_nothing():
     assert not sj.shira_layers(model)
 
 
-def test_quantized_kernel_is_refused_before_anything_changes():
+def test_quantized_n_d_kernel_is_refused_before_anything_changes():
+    """qwix-quantized nnx.Linear kernels are adapted (tests/test_qshira.py); quantized N-D
+    kernels are not (the sparse product needs an [in, out] input), and nothing changes."""
     import qwix  # the `tunix` extra brings it; `make test` installs it
 
     class Net(nnx.Module):
         def __init__(self):
             self.up = nnx.Linear(D, 16, rngs=nnx.Rngs(0))
-            self.down = nnx.Linear(16, D, rngs=nnx.Rngs(1))
+            self.q = nnx.Einsum("btd,dnh->btnh", (16, N, H), rngs=nnx.Rngs(1))
 
         def __call__(self, x):
-            return self.down(self.up(x))
+            return self.q(self.up(x))
 
-    rules = [qwix.QuantizationRule(module_path="down", weight_qtype=jnp.int8)]
-    model = qwix.quantize_model(Net(), qwix.PtqProvider(rules), jnp.ones((1, D)))
-    with pytest.raises(TypeError, match=r"down .*quantized"):
-        sj.apply_shira(model, sj.ShiraConfig(r=1, target_modules=["up", "down"]))
+    rules = [qwix.QuantizationRule(module_path="q", weight_qtype=jnp.int8)]
+    model = qwix.quantize_model(Net(), qwix.PtqProvider(rules), jnp.ones((1, 2, D)))
+    with pytest.raises(TypeError, match=r"q is a Einsum .*quantized"):
+        sj.apply_shira(model, sj.ShiraConfig(r=1, target_modules=["up", "q"]))
     assert not sj.shira_layers(model)
     assert not isinstance(model.up, sj.ShiraDense)
