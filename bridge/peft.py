@@ -13,7 +13,9 @@ A PEFT SHiRA directory holds `adapter_config.json` and `adapter_model.safetensor
 `read_state` / `write_state` map a folder to and from a `shira_jax.state.AdapterState` with
 PEFT's per-layer paths; `load_peft_adapter` / `save_peft_adapter` add `state.inject` /
 `state.extract`. Module paths are the same dotted names on both sides
-(`model.layers.0.self_attn.q_proj`).
+(`model.layers.0.self_attn.q_proj`), except on Tunix models (`bridge.tunix`): their layers
+(`layers.0.attn.q_proj`, Gemma3's fused `kv_einsum`) are renamed to and from HF's paths, a
+fused kernel's HF linears being column blocks of it.
 
 Scan-stacked layers (one `ShiraDense` with values `[L, nnz]` for the `nnx.vmap`-created
 blocks under `stack_name`, "layers" by default) are written one layer per key,
@@ -57,6 +59,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from bridge import tunix
 from bridge.conventions import (
     INDICES,
     KEY_PREFIX,
@@ -288,6 +291,10 @@ def load_peft_adapter(
     are restacked into its `[L, nnz]` adapter: the file must hold every layer, each with the
     same number of entries (after duplicate positions are summed).
 
+    On a Tunix model (`bridge.tunix.is_tunix_model`) the file's HF paths are mapped to its
+    Tunix modules; the HF linears of a fused kernel (Gemma3 `kv_einsum`) become one adapter
+    layer, each still checked at `r * (in + out)` of its own HF shape.
+
     Everything is read and checked before the model changes: on any error the model is
     exactly as it was.
 
@@ -310,12 +317,19 @@ def load_peft_adapter(
         KeyError: an adapter name clash with the model.
     """
     check_adapter_name(adapter_name)
-    folder, state = read_state(directory, adapter_name, model=model, stack_name=stack_name)
-    source = str(folder / WEIGHTS_NAME)
+    if tunix.is_tunix_model(model):  # HF paths in the file, Tunix paths in the model
+        shapes = tunix.hf_kernel_shapes(model)
+        folder, state = read_state(directory, adapter_name, kernel_shapes=shapes)
+        source = str(folder / WEIGHTS_NAME)
+        state = tunix.to_tunix_state(state, model, source=source)
+    else:
+        folder, state = read_state(directory, adapter_name, model=model, stack_name=stack_name)
+        source = str(folder / WEIGHTS_NAME)
+        state = state.restacked(model, stack_name)
     inject(
         model,
         adapter_name,
-        state.restacked(model, stack_name),
+        state,
         dtype=dtype,
         source=source,
         allow_nonfinite=allow_nonfinite,
@@ -334,7 +348,9 @@ def save_peft_adapter(
 
     `state.extract`, then `write_state` (which splits scan-stacked layers into PEFT's
     per-layer keys). As PEFT's `save_pretrained`, an adapter not named "default" goes to the
-    subfolder `directory/<adapter_name>`.
+    subfolder `directory/<adapter_name>`. On a Tunix model the layers get HF's paths and a
+    fused kernel's adapter is split per HF linear (`bridge.tunix.to_hf_state`; one made on
+    the fused kernel itself does not split into PEFT's sizes and is refused).
 
     Args:
         model: an NNX model with the adapter.
@@ -344,11 +360,14 @@ def save_peft_adapter(
         stack_name: the attribute holding scan-stacked blocks (`layers.N` in the file).
     """
     check_adapter_name(adapter_name)
+    state, names_from = extract(model, adapter_name), model
+    if tunix.is_tunix_model(model):  # Tunix paths in the model, HF paths in the file
+        state, names_from = tunix.to_hf_state(state, model), None
     write_state(
         directory,
-        extract(model, adapter_name),
+        state,
         adapter_name,
-        model=model,
+        model=names_from,
         base_model_name_or_path=base_model_name_or_path,
         stack_name=stack_name,
     )

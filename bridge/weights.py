@@ -48,7 +48,12 @@ from bridge.conventions import to_torch, torch_names
 from shira_jax import atomic
 from shira_jax.errors import check_regular_file
 from shira_jax.layer import unwrap
-from shira_jax.models.llama import SUPPORTED_ARCHITECTURES, LlamaConfig, LlamaForCausalLM
+from shira_jax.models.llama import (
+    SUPPORTED_ARCHITECTURES,
+    SUPPORTED_MODEL_TYPES,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 from shira_jax.modules_to_save import ModulesToSave
 from shira_jax.state import module_variables
 
@@ -295,14 +300,58 @@ def model_from_tensors(
     return model
 
 
+#: `implementation=` values of `from_pretrained`.
+IMPLEMENTATIONS = ("shira", "tunix")
+
+
+def _implementation(path: Path, implementation: str | None) -> str:
+    """Which model class reads `path`: ours ("shira", Llama and GGUF files) or Tunix's."""
+    from bridge import tunix
+
+    if implementation is not None and implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    model_type = None
+    if path.is_dir() and (path / CONFIG_NAME).is_file():
+        try:
+            model_type = json.loads((path / CONFIG_NAME).read_text()).get("model_type")
+        except (ValueError, AttributeError):
+            model_type = None  # _read_config reports a bad file
+    ours = model_type is None or model_type in SUPPORTED_MODEL_TYPES
+    if implementation == "tunix" or (implementation is None and not ours):
+        if path.is_file():
+            raise ValueError(f"{path}: Tunix models are read from HF directories, not GGUF.")
+        if model_type not in tunix.SUPPORTED_MODEL_TYPES:
+            others = [t for t in tunix.SUPPORTED_MODEL_TYPES if t not in SUPPORTED_MODEL_TYPES]
+            raise ValueError(
+                f"unsupported model_type {model_type!r} in {path / CONFIG_NAME}; supported: "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)} (shira-jax's own Llama, or Tunix's Llama3 "
+                f"with implementation='tunix') and {', '.join(others)} (Tunix's models: the "
+                "google-tunix package)."
+            )
+        return "tunix"
+    if not ours:
+        raise ValueError(
+            f"model_type {model_type!r} in {path / CONFIG_NAME} has no shira-jax model; it is "
+            "read with implementation='tunix' (or None)."
+        )
+    return "shira"
+
+
 def from_pretrained(
     path_or_name: str | os.PathLike,
     *,
     dtype: DTypeLike = jnp.float32,
     param_dtype: DTypeLike | None = None,
     precision: jax.lax.PrecisionLike = None,
-) -> LlamaForCausalLM:
-    """Loads a Hugging Face Llama checkpoint as a Flax NNX :class:`LlamaForCausalLM`.
+    implementation: str | None = None,
+) -> nnx.Module:
+    """Loads a Hugging Face checkpoint as a Flax NNX model, picked by `config.json`'s `model_type`.
+
+    ``llama`` (and GGUF files, the embedded SmolLM2) give shira-jax's own
+    :class:`LlamaForCausalLM`; ``qwen3``, ``qwen2`` and ``gemma3_text`` give Tunix's model,
+    built by Tunix's own loader (:mod:`bridge.tunix`; needs ``google-tunix``). Tunix models are
+    called ``model(tokens, positions, cache, attention_mask) -> (logits, cache)``. Any other
+    ``model_type`` is a ValueError naming the supported ones.
 
     Args:
       path_or_name: an HF model directory (``config.json`` + ``model.safetensors`` or a sharded
@@ -312,7 +361,9 @@ def from_pretrained(
         installed and the Hub reachable).
       dtype: compute dtype.
       param_dtype: parameter dtype (default: ``dtype``); tensors are cast on load.
-      precision: matmul precision for the model's projections.
+      precision: matmul precision for the model's projections (shira-jax's Llama only).
+      implementation: ``"shira"`` (our Llama), ``"tunix"`` (Tunix's model, also for
+        ``llama``: Tunix's Llama3), or None: ours for ``llama``, Tunix's otherwise.
 
     Raises:
       ValueError: unsupported architecture (the message lists the supported ones), quantized
@@ -327,6 +378,12 @@ def from_pretrained(
         30
     """
     path = _resolve(path_or_name)
+    if _implementation(path, implementation) == "tunix":
+        from bridge import tunix
+
+        if precision is not None:
+            raise ValueError("precision= applies to shira-jax's Llama only, not Tunix models.")
+        return tunix.from_pretrained(path, dtype=dtype, param_dtype=param_dtype)
     if path.is_file():  # .gguf
         from bridge.gguf import read_gguf
 

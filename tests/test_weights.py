@@ -83,7 +83,7 @@ def test_unknown_architecture_refused(hf_dir, tmp_path):
         cfg["model_type"] = "gpt2"
 
     bad = _edit_checkpoint(hf_dir[1], tmp_path / "gpt2", edit_config=to_gpt2)
-    with pytest.raises(ValueError, match="supported: LlamaForCausalLM"):
+    with pytest.raises(ValueError, match="model_type 'gpt2'.*supported: llama.*qwen3"):
         bridge.from_pretrained(bad)
 
     def to_mistral_type(cfg):
