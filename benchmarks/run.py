@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-MODULES = ("train_step", "switching", "mask_generation", "bridge_load")
+MODULES = ("train_step", "switching", "mask_generation", "bridge_load", "sparse_modes")
 ROOT = Path(__file__).resolve().parents[1]
 
 INTRO = """\

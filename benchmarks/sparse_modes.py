@@ -1,0 +1,269 @@
+"""The sparse path: `delta_mode` crossover, mixed-adapter batches, quantized bases (QSHiRA).
+
+Everything is timed in one process, contenders interleaved (`common.paired`), figures are
+ratios of medians against a baseline measured in the same run.
+
+- Crossover: one SmolLM2-shaped layer, forward at growing token counts: sparse product /
+  patched matmul, and "auto" / the better of the two.
+- Train step of a 4-layer SmolLM2 slice (q+v and all-linear): sparse / patched / auto /
+  nnx.LoRA against the frozen step.
+- Decoding (one token): the same slice, sparse / patched / auto.
+- Mixed batch: 8 sequences on 8 different adapters vs the same batch on one adapter.
+- Quantized base (qwix PTQ int8 / nf4): bytes of the targeted weights + adapter vs bf16, and the
+  train step vs the float base, next to qwix QLoRA at the same rank.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import shira_jax as sj
+from benchmarks.common import (
+    ALL_LINEAR,
+    QV,
+    SMOLLM2,
+    TINY_LLAMA,
+    Figure,
+    Section,
+    jax_llama,
+    paired,
+    ratio_figure,
+)
+from benchmarks.train_step import JaxStep, own_copy, with_lora
+
+R = 32
+
+
+def with_mode(model: nnx.Module, targets: Sequence[str], r: int, mode: str, name: str = "default"):
+    config = sj.ShiraConfig(
+        r=r, target_modules=list(targets), random_seed=0, delta_mode=mode, init_weights=False
+    )
+    sj.apply_shira(model, config, adapter_name=name)
+    return model
+
+
+def _forward(model: nnx.Module, x: jax.Array) -> Callable[[], Any]:
+    graphdef, state = nnx.split(model)
+    f = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+    return lambda: f(state, x)
+
+
+# ----------------------------------------------------------------------------- crossover
+
+
+class One(nnx.Module):
+    def __init__(self, n_in: int, n_out: int):
+        self.proj = nnx.Linear(n_in, n_out, rngs=nnx.Rngs(0))
+
+    def __call__(self, x):
+        return self.proj(x)
+
+
+def crossover(shapes, ranks, token_counts, reps) -> tuple[list[Figure], list[str]]:
+    figs, rows = [], []
+    for n_in, n_out in shapes:
+        for r in ranks:
+            nnz = r * (n_in + n_out)
+            for tokens in token_counts:
+                x = jax.random.normal(jax.random.key(0), (tokens, n_in))
+                fns = {
+                    m: _forward(with_mode(One(n_in, n_out), ["proj"], r, m), x)
+                    for m in ("patched", "sparse", "auto")
+                }
+                times = paired(fns, reps=reps, warmup=2)
+                med = {k: float(np.median(v)) for k, v in times.items()}
+                ratio = tokens * nnz / (n_in * n_out)
+                rows.append(
+                    f"| {n_in} x {n_out} | {r} | {tokens} | {ratio:.3g} | "
+                    f"{1e3 * med['patched']:.3f} | {1e3 * med['sparse']:.3f} | "
+                    f"{med['sparse'] / med['patched']:.2f} | {1e3 * med['auto']:.3f} |"
+                )
+                best = min(med["patched"], med["sparse"])
+                figs.append(Figure(
+                    f"forward {n_in}x{n_out} r={r} {tokens} tokens: auto / best mode",
+                    med["auto"] / best, 1e3 * med["auto"], 1e3 * best, "ms", "<= 1.05",
+                    f"tokens*nnz/(in*out) = {ratio:.3g}",
+                ))
+    table = [
+        "| layer | r | tokens | tokens*nnz/(in*out) | patched ms | sparse ms | sparse / patched "
+        "| auto ms |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        *rows,
+    ]
+    return figs, table
+
+
+# ----------------------------------------------------------------------------- train / decode
+
+
+def train_and_decode(
+    config, layers, targets, batch, reps, r=R
+) -> tuple[list[Figure], list[str]]:
+    tag = "q+v" if tuple(targets) == QV else "all-linear"
+    ids = jax.random.randint(jax.random.key(1), batch, 0, config["vocab_size"], dtype=jnp.int32)
+    base = jax_llama(config, layers)
+    steps = {"frozen": JaxStep(base, ids, None)}
+    for mode in ("patched", "sparse", "auto"):
+        steps[mode] = JaxStep(with_mode(own_copy(base), targets, r, mode), ids, sj.ShiraParam)
+    steps["LoRA"] = JaxStep(with_lora(own_copy(base), targets, r), ids, nnx.LoRAParam)
+    times = paired(steps, reps=reps, warmup=1)
+    figs = [
+        ratio_figure(f"train step {tag}: sparse / patched", times, "sparse", "patched"),
+        ratio_figure(f"train step {tag}: patched / frozen", times, "patched", "frozen"),
+        ratio_figure(f"train step {tag}: sparse / frozen", times, "sparse", "frozen"),
+        ratio_figure(f"train step {tag}: nnx.LoRA / frozen", times, "LoRA", "frozen"),
+    ]
+    best = "patched" if np.median(times["patched"]) <= np.median(times["sparse"]) else "sparse"
+    figs.append(ratio_figure(f"train step {tag}: auto / best mode", times, "auto", best,
+                             goal="<= 1.05", note=f"best here: {best}"))
+    # decoding: one new token per sequence (no cache: the projections' cost is what differs)
+    one = ids[:1, :1]
+    fns = {m: _forward(with_mode(own_copy(base), targets, r, m), one)
+           for m in ("patched", "sparse", "auto")}
+    dec = paired(fns, reps=reps * 4, warmup=2)
+    figs.append(ratio_figure(f"decode 1 token {tag}: sparse / patched", dec, "sparse", "patched"))
+    best = "patched" if np.median(dec["patched"]) <= np.median(dec["sparse"]) else "sparse"
+    figs.append(ratio_figure(f"decode 1 token {tag}: auto / best mode", dec, "auto", best,
+                             goal="<= 1.05", note=f"best here: {best}"))
+    return figs, [f"{tag}: {layers} layers, train batch {batch[0]} x {batch[1]} tokens."]
+
+
+# ----------------------------------------------------------------------------- mixed batch
+
+
+def mixed_batch(config, layers, targets, batch, reps, r=R) -> list[Figure]:
+    """8 sequences on 8 adapters (one call) vs the same batch on one adapter."""
+    ids = jax.random.randint(jax.random.key(2), batch, 0, config["vocab_size"], dtype=jnp.int32)
+    model = jax_llama(config, layers)
+    names = [f"a{i}" for i in range(batch[0])]
+    for name in names:
+        with_mode(model, targets, r, "patched", name)
+    sj.set_adapter(model, names[0])
+    graphdef, state = nnx.split(model)
+    mix = sj.adapter_index(model, names)
+
+    @jax.jit
+    def mixed(state, x, ids):
+        m = nnx.merge(graphdef, state)
+        with sj.mixed_adapters(m, ids):
+            return m(x)
+
+    one = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+    times = paired({"one adapter": lambda: one(state, ids),
+                    "8 adapters": lambda: mixed(state, ids, mix)}, reps=reps, warmup=1)
+    fig = ratio_figure(
+        f"mixed batch {batch[0]} x {batch[1]}, {len(names)} adapters: tokens/s vs one adapter",
+        times, "one adapter", "8 adapters", goal=">= 0.8",
+        note="per-example patched kernels, one batched matmul per layer",
+    )
+    return [fig]
+
+
+# ----------------------------------------------------------------------------- quantized
+
+
+def _bytes(tree: Any) -> int:
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        dtype = jnp.dtype(leaf.dtype)
+        bits = jnp.iinfo(dtype).bits if jnp.issubdtype(dtype, jnp.integer) else dtype.itemsize * 8
+        total += int(np.prod(leaf.shape)) * bits // 8
+    return total
+
+
+def quantized(
+    config, layers, targets, batch, reps, r=R, qtypes=("int8", "nf4")
+) -> tuple[list[Figure], list[str]]:
+    import qwix
+
+    ids = jax.random.randint(jax.random.key(3), batch, 0, config["vocab_size"], dtype=jnp.int32)
+    base = jax_llama(config, layers)
+    pattern = ".*(" + "|".join(targets) + ")"
+    n_weights = sum(
+        int(np.prod(m.kernel.shape)) for p, m in sj.model.named_modules(base)
+        if isinstance(m, nnx.Linear) and p.rsplit(".", 1)[-1] in targets
+    )
+    steps = {"float SHiRA": JaxStep(with_mode(own_copy(base), targets, r, "patched"), ids,
+                                    sj.ShiraParam)}
+    figs, notes = [], []
+    for qtype in qtypes:
+        extra = {"tile_size": 64} if qtype == "nf4" else {}
+        rule = qwix.QuantizationRule(module_path=pattern, weight_qtype=qtype, **extra)
+        qmodel = qwix.quantize_model(own_copy(base), qwix.PtqProvider([rule]), ids)
+        with_mode(qmodel, targets, r, "sparse")
+        steps[f"{qtype} QSHiRA"] = JaxStep(qmodel, ids, sj.ShiraParam)
+        lora_rule = qwix.LoraRule(module_path=pattern, rank=r, alpha=float(r),
+                                  weight_qtype=qtype, **extra)
+        qlora = qwix.apply_lora_to_model(own_copy(base), qwix.LoraProvider([lora_rule]), ids)
+        steps[f"{qtype} qwix QLoRA"] = JaxStep(qlora, ids, nnx.LoRAParam)
+        quant_state = [
+            m.base_layer.kernel.array for _, m in sj.shira_layers(qmodel)
+        ]
+        adapter = nnx.state(qmodel, nnx.Any(sj.ShiraParam, sj.ShiraIndices))
+        lora = nnx.state(qlora, nnx.LoRAParam)
+        w, a, lo = _bytes(quant_state), _bytes(adapter), _bytes(lora)
+        bf16 = 2 * n_weights
+        figs.append(Figure(f"{qtype} base + SHiRA adapter bytes / bf16 base ({_tag(targets)})",
+                           (w + a) / bf16, (w + a) / 2**20, bf16 / 2**20, "MiB",
+                           note=f"adapter {a / 2**20:.2f} MiB (fp32 values + int32 indices)"))
+        figs.append(Figure(f"{qtype} base + qwix QLoRA bytes / bf16 base ({_tag(targets)})",
+                           (w + lo) / bf16, (w + lo) / 2**20, bf16 / 2**20, "MiB",
+                           note=f"adapter {lo / 2**20:.2f} MiB (fp32 A, B)"))
+    times = paired(steps, reps=reps, warmup=1)
+    for qtype in qtypes:
+        figs.append(ratio_figure(f"train step {qtype} QSHiRA / float-base SHiRA", times,
+                                 f"{qtype} QSHiRA", "float SHiRA"))
+        figs.append(ratio_figure(f"train step {qtype} qwix QLoRA / float-base SHiRA", times,
+                                 f"{qtype} qwix QLoRA", "float SHiRA"))
+    notes.append(f"quantized: {layers} layers, {_tag(targets)}, batch {batch[0]} x {batch[1]}; "
+                 "the float base is fp32 (XLA CPU emulates bf16 matmuls, so a bf16 base would "
+                 "not be a fair time baseline here); bytes count the targeted weights only.")
+    return figs, notes
+
+
+def _tag(targets: Sequence[str]) -> str:
+    return "q+v" if tuple(targets) == QV else "all-linear"
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def run(quick: bool = False) -> Section:
+    section = Section(
+        "6. The sparse path: delta modes, mixed-adapter batches, quantized bases (r=32)",
+        "python -m benchmarks.run --only sparse_modes" + (" --quick" if quick else ""),
+    )
+    t0 = time.perf_counter()
+    if quick:
+        cfg, layers, batch, reps, r = TINY_LLAMA, 1, (2, 16), 1, 4
+        shapes, ranks, tokens, target_sets, qtypes = [(64, 64)], [4], [1], [QV], ("int8",)
+    else:
+        cfg, layers, batch, reps, r = SMOLLM2, 4, (2, 256), 5, R
+        shapes, ranks, tokens = [(576, 576), (576, 1536)], [32, 4], [1, 4, 16, 64]
+        target_sets, qtypes = [QV, ALL_LINEAR], ("int8", "nf4")
+    figs, table = crossover(shapes, ranks, tokens, reps=3 if quick else 7)
+    notes: list[str] = []
+    for targets in target_sets:
+        f, n = train_and_decode(cfg, layers, targets, batch, reps, r)
+        figs += f
+        notes += n
+    figs += mixed_batch(cfg, layers, QV, (8, 16 if quick else 64), reps, r)
+    f, n = quantized(cfg, layers, ALL_LINEAR, batch, reps, r, qtypes)
+    figs += f
+    notes += n
+    section.figures = figs
+    section.text = "\n".join(
+        ["Crossover, one layer's forward (medians):", "", *table, "",
+         f"`auto` uses the sparse product when tokens * nnz <= {sj.ops.SPARSE_CROSSOVER} * in * "
+         "out (`shira_jax.ops.SPARSE_CROSSOVER`), i.e. for decoding-sized calls.", "",
+         *[f"- {n}" for n in notes]]
+    )
+    section.seconds = time.perf_counter() - t0
+    return section
