@@ -37,7 +37,7 @@ def test_make_bench_quick_writes_every_section(tmp_path):
     assert run.main(["--quick", "--out", str(out)]) == 0
     text = out.read_text()
     for title in ("1-2. Train step", "3. Switching", "4. Mask generation", "5. Bridge",
-                  "## Goals", "GPU: none was lent", "Machine:"):
+                  "6. The sparse path", "## Goals", "GPU: none was lent", "Machine:"):
         assert title in text, title
     assert "same positions as PEFT: yes" in text
     assert "updated in place (donated): yes" in text
