@@ -11,8 +11,13 @@ and are compared with one process holding all 8 devices on the same mesh:
 * `--resume` from it continues on 2 processes, and on 1 process with 1 device (another
   mesh), with the losses of the uninterrupted 8-device run.
 
-Each run is a fresh interpreter (the device count and the distributed runtime are fixed
-at start-up): this file is also the worker, `python test_multiprocess.py RESULT STOP -- FLAGS`.
+Each run is a separate interpreter from the one that wrote its input (the device count and the
+distributed runtime are fixed at start-up), except that the 2-process resume runs in the two
+interpreters of the stopped run, after its `finetune.run` has returned and the checkpoint has
+been copied aside (starting jax, the distributed runtime and the compiler twice more was about a
+quarter of this file's CPU time); the 1-process resume, in this interpreter, is the one from a
+process that never saw the run. This file is also the worker,
+`python test_multiprocess.py RESULT STOP [RESUMED] -- FLAGS`.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -62,38 +68,76 @@ def _env(n_devices: int, cache: Path) -> dict[str, str]:
     return env
 
 
-def _run(work: Path, name: str, flags: list[str], *, processes: int, devices: int, stop=0):
+def _run(
+    work: Path,
+    name: str,
+    flags: list[str],
+    *,
+    processes: int,
+    devices: int,
+    stop=0,
+    then_resume=None,
+):
     """Start `processes` workers (each with `devices` CPU devices), wait, return their
-    results (process 0 first)."""
+    results (process 0 first).
+
+    With `then_resume` (a callable), the stopped workers wait once their run has returned and
+    written its results: `then_resume()` is called (here: copy the checkpoint aside), then the
+    same workers run again with `--resume`; returns (stopped results, resumed results)."""
     dist = []
     if processes > 1:
         dist = ["--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", str(processes)]
     procs = []
     for i in range(processes):
         result = work / f"{name}.{i}.json"
-        argv = [sys.executable, __file__, str(result), str(stop), "--", *flags, *dist]
+        argv = [sys.executable, __file__, str(result), str(stop)]
+        argv += [str(work / f"{name}.resumed.{i}.json")] if then_resume else []
+        argv += ["--", *flags, *dist]
         argv += ["--process-id", str(i)] if dist else []
         log = open(work / f"{name}.{i}.log", "w")  # noqa: SIM115 - closed below
         procs.append(
             (
                 subprocess.Popen(
-                    argv, env=_env(devices, work / "jax_cache"), stdout=log, stderr=log
+                    argv,
+                    env=_env(devices, work / "jax_cache"),
+                    stdin=subprocess.PIPE,
+                    stdout=log,
+                    stderr=log,
                 ),
                 log,
             )
         )
-    results = []
-    for i, (proc, log) in enumerate(procs):
-        try:
-            code = proc.wait(timeout=300)
-        finally:
+
+    def failed(i: int) -> str:
+        return f"{name} process {i} failed:\n{(work / f'{name}.{i}.log').read_text()[-6000:]}"
+
+    try:
+        if then_resume:
+            deadline = time.monotonic() + 300  # only turns a hang into a failure
+            for i, (proc, _) in enumerate(procs):
+                while not (work / f"{name}.{i}.json").exists():
+                    assert proc.poll() is None, failed(i)
+                    assert time.monotonic() < deadline, failed(i)
+                    time.sleep(0.1)
+            then_resume()
+            for proc, _ in procs:
+                proc.stdin.write(b"resume\n")
+                proc.stdin.flush()
+        for i, (proc, _) in enumerate(procs):
+            proc.stdin.close()
+            assert proc.wait(timeout=300) == 0, failed(i)
+    finally:
+        for proc, log in procs:
             if proc.poll() is None:
                 proc.kill()
             log.close()
-        text = (work / f"{name}.{i}.log").read_text()
-        assert code == 0, f"{name} process {i} failed:\n{text[-6000:]}"
-        results.append(json.loads((work / f"{name}.{i}.json").read_text()))
-    return results
+    results = [json.loads((work / f"{name}.{i}.json").read_text()) for i in range(processes)]
+    if not then_resume:
+        return results
+    resumed = [
+        json.loads((work / f"{name}.resumed.{i}.json").read_text()) for i in range(processes)
+    ]
+    return results, resumed
 
 
 @pytest.fixture(scope="module")
@@ -112,9 +156,13 @@ def runs(tmp_path_factory):
     out["single"] = _run(work, "single", [*flags, *mesh, "--out", str(work / "single")],
                          processes=1, devices=8)[0]  # fmt: skip
     two = [*flags, *mesh, "--out", str(work / "two")]
-    out["stopped"] = _run(work, "stopped", two, processes=2, devices=4, stop=STOP)
-    shutil.copytree(work / "two", work / "one", symlinks=True)  # for the 1-process resume
-    out["resumed"] = _run(work, "resumed", [*two, "--resume"], processes=2, devices=4)
+
+    def copy_stopped():  # as the stopped run left it, for the 1-process resume
+        shutil.copytree(work / "two", work / "one", symlinks=True)
+
+    out["stopped"], out["resumed"] = _run(
+        work, "stopped", two, processes=2, devices=4, stop=STOP, then_resume=copy_stopped
+    )
     return out
 
 
@@ -193,9 +241,11 @@ def test_process_flags_are_checked_before_loading():
 # ----------------------------------------------------------------------------- worker
 
 
-def _worker(result_path: str, stop: int, flags: list[str]) -> None:
+def _worker(result_path: str, stop: int, flags: list[str], resumed_path: str | None) -> None:
     """One process of a run: `shira-jax finetune FLAGS`, stopped (as Ctrl-C) after step
-    `stop` if > 0; records where orbax wrote, then the losses, in `result_path`."""
+    `stop` if > 0; records where orbax wrote, then the losses, in `result_path`. With
+    `resumed_path`: then waits for a line on stdin and runs `FLAGS --resume` to the end,
+    recording in `resumed_path`."""
     import jax
     import orbax.checkpoint as ocp
 
@@ -210,21 +260,39 @@ def _worker(result_path: str, stop: int, flags: list[str]) -> None:
         return save(self, directory, *args, **kw)
 
     ocp.PyTreeCheckpointer.save = recording_save
-    cfg = from_namespace(
-        finetune.FinetuneConfig, cli.build_parser().parse_args(["finetune", *flags])
-    )
-    result = finetune.run(cfg, progress=False, on_step=lambda step, _: stop > 0 and step >= stop)
-    record = {
-        "train_loss": result.metrics["train_loss"],
-        "interrupted": result.interrupted,
-        "process": jax.process_index(),
-        "processes": jax.process_count(),
-        "devices": jax.device_count(),
-        "local_devices": jax.local_device_count(),
-        "orbax_saves": saves,
-    }
-    Path(result_path).write_text(json.dumps(record))
+
+    def run(flags: list[str], stop: int, path: str) -> None:
+        saves.clear()
+        cfg = from_namespace(
+            finetune.FinetuneConfig, cli.build_parser().parse_args(["finetune", *flags])
+        )
+        result = finetune.run(
+            cfg, progress=False, on_step=lambda step, _: stop > 0 and step >= stop
+        )
+        record = {
+            "train_loss": result.metrics["train_loss"],
+            "interrupted": result.interrupted,
+            "process": jax.process_index(),
+            "processes": jax.process_count(),
+            "devices": jax.device_count(),
+            "local_devices": jax.local_device_count(),
+            "orbax_saves": list(saves),
+        }
+        tmp = Path(path + ".tmp")  # the test waits for the file: it appears whole
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, path)
+
+    run(flags, stop, result_path)
+    if resumed_path is not None:
+        assert sys.stdin.readline() == "resume\n"
+        run([*flags, "--resume"], 0, resumed_path)
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1], int(sys.argv[2]), sys.argv[sys.argv.index("--") + 1 :])
+    dash = sys.argv.index("--")
+    _worker(
+        sys.argv[1],
+        int(sys.argv[2]),
+        sys.argv[dash + 1 :],
+        sys.argv[3] if dash > 3 else None,
+    )

@@ -449,11 +449,21 @@ def test_finetune_cli_mesh_matches_single_device(tmp_path):
     flags += ["--steps", "3", "--batch-size", "4", "--seq-len", "16", "--eval-batches", "1"]
     flags += ["--no-progress", "--dtype", "float32", "--no-peft"]
     losses = {}
+    # the mesh run in its own process (8 devices); the run without a mesh uses one device, so it
+    # runs here (this process keeps one device), through the same `main`, without starting jax
+    # a second time
+    from shira_jax.app.cli import main
+
     for name, extra in (("mesh", ["--mesh", "data=2,model=4"]), ("plain", [])):
         out = tmp_path / name
-        cmd = [sys.executable, "-m", "shira_jax.app.cli", "finetune", *flags, "--out", str(out)]
-        proc = subprocess.run(cmd + extra, env=env, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        argv = ["finetune", *flags, "--out", str(out), *extra]
+        if extra:
+            cmd = [sys.executable, "-m", "shira_jax.app.cli", *argv]
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+            assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        else:
+            assert jax.device_count() == 1
+            assert main(argv) == 0
         metrics = json.loads((out / "metrics.json").read_text())
         assert metrics["steps_done"] == 3
         losses[name] = metrics["train_loss"]
