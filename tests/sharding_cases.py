@@ -293,6 +293,25 @@ def nd_case(mesh) -> dict[str, np.ndarray]:
     return out
 
 
+def sparse_case(mesh) -> dict[str, np.ndarray]:
+    """delta_mode="sparse" on tensor-parallel kernels: the sparse product adds into outputs
+    split like the kernels' columns; no kernel is gathered (none is even read)."""
+    out: dict[str, np.ndarray] = {}
+    model = build(lambda: MLP(LAYOUTS["tp"][0], nnx.Rngs(0)), mesh)
+    with jax.set_mesh(mesh):
+        sj.apply_shira(model, cfg(init_weights=True, delta_mode="sparse"))
+        x, y = data()
+        x = jax.device_put(x, sharding.batch_sharding(mesh, "data"))
+        y = jax.device_put(y, sharding.batch_sharding(mesh, "data"))
+        opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=sj.ShiraParam)
+        hlo, step = compiled_step(model, opt, x, y)
+        shapes = [m.kernel_variable.shape for _, m in sj.shira_layers(model)]
+        out["full_gathers"] = np.array(len(sharding.full_kernel_gathers(hlo, shapes)))
+        out["losses"] = np.array([float(step()) for _ in range(STEPS)])
+        _put(out, "values", values(model))
+    return out
+
+
 def restore_case(mesh, ckpt_dir: Path) -> dict[str, np.ndarray]:
     """Fresh models on `mesh` load the checkpoints another mesh saved."""
     out: dict[str, np.ndarray] = {}

@@ -42,6 +42,8 @@ def main() -> None:
             results[f"scatter/{k}"] = v
         for k, v in cases.nd_case(mesh).items():
             results[f"nd/{k}"] = v
+        for k, v in cases.sparse_case(mesh).items():
+            results[f"sparse/{k}"] = v
     if "restore" in modes:
         for k, v in cases.restore_case(mesh, ckpt).items():
             results[f"restore/{k}"] = v

@@ -67,6 +67,7 @@ def runs(tmp_path_factory):
     ref = {f"train/{k}": v for k, v in cases.train_case("tp", mesh).items()}
     ref.update({f"stacked/{k}": v for k, v in cases.stacked_case(mesh).items()})
     ref.update({f"nd/{k}": v for k, v in cases.nd_case(mesh).items()})
+    ref.update({f"sparse/{k}": v for k, v in cases.sparse_case(mesh).items()})
     r8 = _finish(p8, work / "r8.npz")
     p4 = _start(4, work / "r4.npz", "restore", ckpt)
     r1 = cases.restore_case(mesh, ckpt)
@@ -112,6 +113,16 @@ def test_nd_kernels_on_the_mesh_match_one_device_without_full_gathers(runs):
         _close(r8[key], ref[key])
     for flag in ("merge_close", "unmerge_exact", "merge_sharding_kept", "unmerge_sharding_kept"):
         assert bool(r8[f"nd/{flag}"]), flag
+
+
+def test_sparse_delta_on_the_mesh_matches_one_device_without_full_gathers(runs):
+    ref, r8, *_ = runs
+    assert int(r8["sparse/full_gathers"]) == 0
+    _close(r8["sparse/losses"], ref["sparse/losses"])
+    # the same training as the patched path (the sparse product is the same delta)
+    _close(ref["sparse/losses"], ref["train/losses"])
+    for key in [k for k in ref if k.startswith("sparse/values/")]:
+        _close(r8[key], ref[key])
 
 
 def test_full_kernel_gather_detector_has_teeth(runs):
