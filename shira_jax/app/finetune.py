@@ -52,7 +52,7 @@ from flax import nnx
 
 import shira_jax as sj
 from shira_jax import atomic, sharding
-from shira_jax.app import answers, sft, source
+from shira_jax.app import answers, lm, sft, source
 from shira_jax.app import data as data_lib
 from shira_jax.app.checkpoints import (
     CHECKPOINT_DIR,
@@ -242,6 +242,7 @@ def prepare(cfg: FinetuneConfig, log: Log, timings: Timings) -> Job:
         abstract = source.abstract_model(model_path)
         if abstract is not None:  # targets and r against the shapes alone
             source.check_adapter_fits(abstract, shira_cfg)
+            _check_tunix_options(cfg, abstract)
         tokenizer = source.load_model_tokenizer(model_path)
         sft_data = _sft_data(cfg, model_path, tokenizer, log)  # bad jsonl fails here
     with timings.measure("load_model"):  # the long work starts here
@@ -251,7 +252,7 @@ def prepare(cfg: FinetuneConfig, log: Log, timings: Timings) -> Job:
         source.keep_float32(model, targets)
         placement = _placement(cfg, model, log)
     with timings.measure("tokenize"):
-        vocab = int(model.config.vocab_size)
+        vocab = lm.vocab_size(model)
         text = _tokenize(cfg, tokenizer) if sft_data is None else sft_data
         _check_vocab(text.train, text.eval, vocab)
         batches = data_lib.Batches(text.train, cfg.batch_size * cfg.grad_accum, seed=cfg.seed)
@@ -277,6 +278,23 @@ def prepare(cfg: FinetuneConfig, log: Log, timings: Timings) -> Job:
         resume_meta=resume_meta,
         timings=timings,
     )
+
+
+def _check_tunix_options(cfg: FinetuneConfig, model: nnx.Module) -> None:
+    """Tunix models (`bridge.tunix`) train and export like ours; two options need our Llama."""
+    if not lm.is_tunix(model):
+        return
+    name = type(model).__name__
+    if cfg.eval_generate:
+        raise FinetuneError(
+            f"--eval-generate decodes with shira-jax's Llama KV cache; --model is Tunix's {name}"
+            " (use Tunix's sampler on the trained model instead)"
+        )
+    if cfg.mesh:
+        raise FinetuneError(
+            f"--mesh annotates shira-jax's Llama; --model is Tunix's {name}, which carries its "
+            "own sharding names (load it with bridge.tunix.from_pretrained(..., mesh=...))"
+        )
 
 
 def _placement(cfg: FinetuneConfig, model: nnx.Module, log: Log) -> Placement:
@@ -411,6 +429,8 @@ def start_training(job: Job, state: TrainState, log: Log) -> Trainer:
     optimizer = nnx.Optimizer(model, tx, wrt=sj.ShiraParam)
     if job.resume_meta is not None:
         restore_optimizer(job.ckpt_dir, optimizer, job.resume_meta)
+    if lm.is_tunix(model):  # its weights are committed to a device: the rest alike (one compile)
+        lm.commit_to_device(model, optimizer)
     job.placement.shard(optimizer)
     plain = not job.is_sft and cfg.grad_accum == 1  # the text path as it always was
     step_fn = make_train_step() if plain else make_accum_step(cfg.grad_accum)

@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from shira_jax.app import data as data_lib
+from shira_jax.app import lm
 from shira_jax.app.options import FinetuneError
 
 ORBAX_MARKER = "shira_adapter.json"
@@ -46,6 +47,8 @@ def generate_text(
     ids = tokenizer.encode(prompt)
     if not ids:
         raise FinetuneError("the prompt is empty after tokenization")
+    if lm.is_tunix(model):  # Tunix's models have their own cache layout: decode without one
+        generate = lm.decode
     out = generate(
         model,
         jnp.asarray([ids], jnp.int32),

@@ -31,6 +31,8 @@ import shira_jax as sj
 from shira_jax.app import data as data_lib
 from shira_jax.app.options import DTYPES, FinetuneError, targets_text
 from shira_jax.config import ShiraConfig, resolve_targets
+from shira_jax.kernels import KernelView, kernel_view
+from shira_jax.layer import unwrap
 from shira_jax.masks import shira_budget
 from shira_jax.model import named_modules
 
@@ -58,14 +60,23 @@ def resolve_model(name: str) -> Path:
 
 
 def abstract_model(model_path: Path) -> nnx.Module | None:
-    """The model with shapes only (no weights, no memory), from `config.json`; None for GGUF."""
-    from shira_jax.models.llama import LlamaConfig, LlamaForCausalLM
+    """The model with shapes only (no weights, no memory), from `config.json`; None for GGUF.
+
+    `model_type` "llama" is shira-jax's Llama; the Tunix families (`bridge.tunix`: qwen3,
+    qwen2, gemma3_text) are Tunix's models, as `bridge.from_pretrained` loads them.
+    """
+    from shira_jax.models.llama import SUPPORTED_MODEL_TYPES, LlamaConfig, LlamaForCausalLM
 
     if model_path.is_file():
         return None
     try:
-        config = LlamaConfig.from_dict(json.loads((model_path / "config.json").read_text()))
-    except (ValueError, TypeError, KeyError) as err:
+        config_dict = json.loads((model_path / "config.json").read_text())
+        if config_dict.get("model_type", "llama") not in SUPPORTED_MODEL_TYPES:
+            from bridge import tunix
+
+            return tunix.abstract_model(model_path)
+        config = LlamaConfig.from_dict(config_dict)
+    except (ValueError, TypeError, KeyError, ImportError) as err:
         raise FinetuneError(f"--model {model_path}: {err}") from err
     return nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0)))
 
@@ -90,17 +101,19 @@ def load_model_tokenizer(model_path: Path) -> data_lib.Tokenizer:
     return data_lib.Tokenizer(backend, eos_id=backend.eos_token_id, bos_id=backend.bos_token_id)
 
 
-def _kernel(layer: nnx.Module) -> nnx.Variable:
-    """The weight of a linear layer, or of the layer a SHiRA wrapper holds."""
-    return (layer.base_layer if isinstance(layer, sj.ShiraDense) else layer).kernel
+def _view(layer: nnx.Module) -> KernelView:
+    """The kernel view of a linear layer, or of the layer a SHiRA wrapper holds."""
+    return kernel_view(unwrap(layer))
 
 
 def _linear_layers(model: nnx.Module) -> dict[str, nnx.Module]:
-    return {
-        path: module
-        for path, module in named_modules(model)
-        if isinstance(module, (nnx.Linear, sj.ShiraDense))
-    }
+    """Every layer SHiRA can adapt (`nnx.Linear`, Tunix's Einsum projections, ...)."""
+    out = {}
+    for path, module in named_modules(model):
+        view = kernel_view(unwrap(module))
+        if view is not None and not view.stacked and not getattr(view, "unsupported", ""):
+            out[path] = module
+    return out
 
 
 def check_adapter_fits(model: nnx.Module, config: ShiraConfig) -> list[str]:
@@ -120,7 +133,8 @@ def check_adapter_fits(model: nnx.Module, config: ShiraConfig) -> list[str]:
         ) from None
     worst: tuple[int, str, tuple[int, int]] | None = None
     for path in paths:
-        n_in, n_out = (int(n) for n in _kernel(linear[path]).shape[:2])
+        view = _view(linear[path])
+        n_in, n_out = int(view.n_in), int(view.n_out)
         try:
             shira_budget(n_in, n_out, config.r, layer_name=path)
         except ValueError:
@@ -145,7 +159,7 @@ def keep_float32(model: nnx.Module, paths: Sequence[str]) -> None:
     """
     modules = dict(named_modules(model))
     for path in paths:
-        kernel = _kernel(modules[path])
+        kernel = _view(modules[path]).variable
         if kernel[...].dtype != jnp.float32:
             kernel.set_value(kernel[...].astype(jnp.float32))
 

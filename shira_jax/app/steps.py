@@ -24,12 +24,13 @@ import optax
 from flax import nnx
 
 import shira_jax as sj
+from shira_jax.app import lm
 
 
 def lm_loss(model: Callable[[jax.Array], jax.Array], batch: jax.Array) -> jax.Array:
     """Mean next-token cross-entropy (nats/token) of `batch` `[B, T + 1]`, in float32."""
     batch = jnp.asarray(batch)
-    logits = model(batch[:, :-1]).astype(jnp.float32)
+    logits = lm.forward(model, batch[:, :-1]).astype(jnp.float32)
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
 
 
@@ -42,13 +43,13 @@ def token_losses(model: Callable[..., jax.Array], batch: Any) -> tuple[jax.Array
     """
     if isinstance(batch, dict):
         tokens = jnp.asarray(batch["tokens"])
-        logits = model(
-            tokens[:, :-1], positions=batch["positions"], segment_ids=batch["segment_ids"]
+        logits = lm.forward(
+            model, tokens[:, :-1], positions=batch["positions"], segment_ids=batch["segment_ids"]
         )
         weights = jnp.asarray(batch["weights"], jnp.float32)
     else:
         tokens = jnp.asarray(batch)
-        logits = model(tokens[:, :-1])
+        logits = lm.forward(model, tokens[:, :-1])
         weights = jnp.ones(tokens[:, 1:].shape, jnp.float32)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens[:, 1:])
     return ce * weights, weights
