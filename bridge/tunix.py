@@ -479,8 +479,12 @@ def from_pretrained(
         model = loader.create_model_from_safe_tensors(
             file_dir=str(Path(path).absolute()), config=config, mesh=mesh, dtype=param_dtype
         )
-    except (AssertionError, TypeError, KeyError) as err:
-        raise ValueError(f"{path}: Tunix's {family.name} loader failed: {err}") from err
+    except (AssertionError, TypeError, KeyError, ValueError) as err:
+        raise ValueError(
+            f"{path}: Tunix's {family.name} loader failed ({' '.join(str(err).split())[:300]}); "
+            "the checkpoint's tensors do not match config.json (a tensor missing? "
+            "tie_word_embeddings?)."
+        ) from err
     missing = [
         ".".join(str(k) for k in key)
         for key, value in nnx.to_flat_state(nnx.state(model))
