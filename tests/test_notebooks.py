@@ -1,7 +1,7 @@
 """Every notebook in notebooks/ executes at tiny size and prints what it promises.
 
 Each notebook reads `SHIRA_NB_SIZE` in its first code cell; here it is "tiny" (a tiny random
-Llama, a few steps), so the four run in a couple of minutes on 2 CPU cores. The notebooks are
+Llama or Qwen3, a few steps), so they run in a few minutes on 2 CPU cores. The notebooks are
 executed in memory (kernel `python3` of this interpreter, cwd `notebooks/`); the committed
 files, saved with their full-size outputs, are never overwritten. The executed copies are
 written to pytest's tmp_path for inspection.
@@ -27,6 +27,7 @@ NOTEBOOKS = {
     "02_peft_roundtrip": NB_DIR / "02_peft_roundtrip.ipynb",
     "03_masks_and_fusion": NB_DIR / "03_masks_and_fusion.ipynb",
     "04_rapid_switching": NB_DIR / "04_rapid_switching.ipynb",
+    "05_tunix": NB_DIR / "05_tunix.ipynb",
 }
 CELL_TIMEOUT_S = 600
 LOGIT_TOL = 1e-3  # float32 on both sides; tiny runs agree to ~1e-6
@@ -155,3 +156,21 @@ def test_04_rapid_switching(tmp_path):
     assert len(re.findall(r"d =\s+\d+: .* speedup\s+[0-9.]+x", text)) >= 2
     drifts = _floats(r"max \|W - W0\|: SHiRA ([0-9.e+-]+)", text)
     assert drifts and all(d == 0.0 for d in drifts), drifts
+
+
+@pytest.mark.slow
+def test_05_tunix(tmp_path):
+    nb = _execute("05_tunix", tmp_path)
+    text = _stdout(nb)
+    assert "size=tiny" in text
+    assert _n_figures(nb) >= 1, "no loss plot"
+    (into,) = _floats(r"PEFT -> Tunix: max \|logits diff\| = ([0-9.e+-]+)", text)
+    (back,) = _floats(r"Tunix -> PEFT: max \|logits diff\| = ([0-9.e+-]+)", text)
+    assert max(into, back) < LOGIT_TOL, (into, back)
+    assert "base weights bit-identical after PeftTrainer: True" in text
+    hit = re.search(r"SHiRA value arrays changed: (\d+) of (\d+)", text)
+    changed, total = map(int, hit.groups())
+    assert changed == total == 14
+    assert "indices rebuilt from the seed equal the trained model's: True" in text
+    (restored,) = _floats(r"restored at step \d+: max \|logits diff\| = ([0-9.e+-]+)", text)
+    assert restored == 0.0
