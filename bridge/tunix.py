@@ -581,7 +581,7 @@ def to_tunix_state(
         idx, val = masks.canonicalize(
             np.concatenate(idx_list, axis=1), np.concatenate(val_list), (n_in, n_out)
         )
-        layers[path] = LayerState(idx, val, (n_in, n_out), max(ranks))
+        layers[path] = LayerState(idx, val, (n_in, n_out), max(ranks), parts=len(parts))
     return dataclasses.replace(state, layers=layers)
 
 

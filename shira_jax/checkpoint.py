@@ -96,10 +96,15 @@ def _meta(state: AdapterState, adapter_name: str) -> dict[str, Any]:
         "adapter_name": adapter_name,
         "config": state.config.to_dict(),
         "layers": {
-            p: {"kernel_shape": list(s.kernel_shape), "r": s.r} for p, s in state.layers.items()
+            p: {"kernel_shape": list(s.kernel_shape), "r": s.r, **_parts(s)}
+            for p, s in state.layers.items()
         },
         "modules_to_save": {p: sorted(v) for p, v in state.modules_to_save.items()},
     }
+
+
+def _parts(layer: LayerState) -> dict[str, int]:
+    return {"parts": layer.parts} if layer.parts != 1 else {}
 
 
 def _tree(state: AdapterState) -> dict[str, Any]:
@@ -222,10 +227,11 @@ def _checked_meta(meta: dict[str, Any], where: Any) -> dict[str, Any]:
             or len(shape) < 2
             or not all(_positive_int(n) for n in shape)
             or not _positive_int(info.get("r"))
+            or not _positive_int(info.get("parts", 1))
         ):
             raise AdapterLoadError(
                 f"{where}: layers.{path}: needs kernel_shape (a list of at least 2 positive "
-                f"integers) and r (a positive integer), got {str(info)[:200]}."
+                f"integers), r and optional parts (positive integers), got {str(info)[:200]}."
             )
     modules = meta.setdefault("modules_to_save", {})
     if not isinstance(modules, dict):
@@ -369,7 +375,8 @@ def _state(meta: Mapping[str, Any], tree: Mapping[str, Any], where: Any) -> Adap
     for i, (path, info) in enumerate(meta["layers"].items()):
         arrays = tree["layers"][_slot(i)]
         layers[path] = LayerState(
-            arrays["indices"], arrays["values"], tuple(info["kernel_shape"]), int(info["r"])
+            arrays["indices"], arrays["values"], tuple(info["kernel_shape"]), int(info["r"]),
+            int(info.get("parts", 1)),
         )
     modules = {
         path: {var: tree["modules"][_slot(i)][_slot(j)] for j, var in enumerate(var_paths)}

@@ -96,12 +96,20 @@ class ShiraDense(nnx.Module):
         self.r: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
         self.delta_mode: dict[str, str] = {}
+        self.parts: dict[str, int] = {}  # fused kernels (state.LayerState.parts), if not 1
         self.active_adapters: tuple[str, ...] = ()
         self.merged_adapters: tuple[str, ...] = ()
         self.disabled = False
         self.layer_name = name
 
     # ------------------------------------------------------------------ shapes and names
+    def __getattr__(self, name: str) -> Any:
+        """Attributes the wrapper lacks come from the wrapped layer (Tunix reads
+        `q_proj.shape`, other code `in_features`, `dtype`, ...)."""
+        if name.startswith("_") or "base_layer" not in vars(self):
+            raise AttributeError(name)
+        return getattr(vars(self)["base_layer"], name)
+
     @property
     def kernel_variable(self) -> nnx.Variable:
         """The wrapped layer's weight Variable (`kernel`, Tunix's `w`, ...), in its own shape."""
@@ -205,6 +213,7 @@ class ShiraDense(nnx.Module):
         self.r = {k: v for k, v in self.r.items() if k != adapter}
         self.scaling = {k: v for k, v in self.scaling.items() if k != adapter}
         self.delta_mode = {k: v for k, v in self.delta_mode.items() if k != adapter}
+        self.parts = {k: v for k, v in self.parts.items() if k != adapter}
         self.active_adapters = tuple(a for a in self.active_adapters if a != adapter)
 
     def set_adapter(self, adapters: str | Sequence[str]) -> None:

@@ -63,15 +63,28 @@ __all__ = ["AdapterState", "LayerState", "extract", "inject", "module_variables"
 @dataclasses.dataclass(frozen=True)
 class LayerState:
     """One adapted layer: indices `[*stack, 2, nnz]` (kernel layout), values `[*stack, nnz]`,
-    the kernel shape `[*stack, in, out]` and the budget rank `r`."""
+    the kernel shape `[*stack, in, out]` and the budget rank `r`.
+
+    `parts` > 1 marks a fused kernel that holds that many HF linears side by side in its
+    output columns (Gemma's `kv_einsum`: 2); each part has its own budget
+    `r * (in + out / parts)`, so the layer's is `r * (parts * in + out)`."""
 
     indices: Any
     values: Any
     kernel_shape: tuple[int, ...]
     r: int
+    parts: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kernel_shape", tuple(int(n) for n in self.kernel_shape))
+        if isinstance(self.parts, bool) or not isinstance(self.parts, int) or self.parts < 1:
+            raise ValueError(f"LayerState.parts must be a positive integer, got {self.parts!r}.")
+
+    @property
+    def budget(self) -> int:
+        """The most entries the layer may hold: `r * (parts * in + out)`."""
+        n_in, n_out = self.kernel_shape[-2:]
+        return self.r * (self.parts * n_in + n_out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +149,7 @@ def extract(model: nnx.Module, adapter_name: str) -> AdapterState:
                 layer.shira_weight[adapter_name].get_value(),
                 kernel_view(layer.base_layer).shape,
                 layer.r[adapter_name],
+                layer.parts.get(adapter_name, 1),
             )
     if not layers:
         raise KeyError(f"The model has no adapter {adapter_name!r}.")
@@ -196,6 +210,10 @@ def inject(
     values = {p: s.values for p, s in state.layers.items()}
     indices = {p: s.indices for p, s in state.layers.items()}
     apply_shira(model, state.config, adapter_name, indices=indices, values=values)
+    for path, layer in shira_layers(model):
+        parts = state.layers[path].parts if path in state.layers else 1
+        if parts != 1:
+            layer.parts = {**layer.parts, adapter_name: parts}
     if dtype is not None:
         for path, layer in shira_layers(model):
             if path in values:
@@ -237,13 +255,15 @@ def _check_entries(
                 f"{source}: layer {path}: indices {idx_shape} / values {val_shape} do not fit "
                 f"kernel {shape} (need [*stack, 2, nnz] and [*stack, nnz])."
             )
-        nnz, r = idx_shape[-1], layer.r
-        if budget and (r != state.config.r or nnz > r * (n_in + n_out)):
+        nnz, r, parts = idx_shape[-1], layer.r, layer.parts
+        if budget and (r != state.config.r or nnz > layer.budget):
+            fused = f" of {parts} fused parts: r * ({parts} * in + out)" if parts > 1 else ""
             raise AdapterLoadError(
                 f"{source}: layer {path}: {nnz} entries with r={r}, but the config's r is "
-                f"{state.config.r}: a budget of r * (in + out) = {state.config.r} * ({n_in} + "
-                f"{n_out}) = {state.config.r * (n_in + n_out)} per layer. The file's r and "
-                "its arrays disagree (edited, or made for another model?)."
+                f"{state.config.r}: a budget{fused or ' of r * (in + out)'} = "
+                f"{state.config.r} * ({parts * n_in} + {n_out}) = "
+                f"{state.config.r * (parts * n_in + n_out)} per layer. The file's r and its "
+                "arrays disagree (edited, or made for another model?)."
             )
         _check_unique(idx, f"{source}: layer {path}")
         cast = dtype or (jnp.float32 if np.dtype(vals.dtype).itemsize >= 4 else vals.dtype)

@@ -197,6 +197,17 @@ def test_export_is_peft_file_and_loads_in_peft(case, tmp_path):
     assert rel_err(torch_logits(again, IDS), case["peft_logits"]) <= 1e-6  # the same file
 
 
+def test_orbax_round_trip_keeps_fused_parts(case, tmp_path):
+    """sj.save_adapter / load_adapter on a Tunix model: same logits, and a fused kernel keeps
+    its per-part budget (LayerState.parts), so the reload still exports per HF linear."""
+    sj.save_adapter(case["model"], tmp_path / "ckpt")
+    fresh = load_tunix(case["root"] / "hf", case["family"])
+    sj.load_adapter(fresh, tmp_path / "ckpt")
+    np.testing.assert_array_equal(tunix_logits(fresh), tunix_logits(case["model"]))
+    bridge.save_peft_adapter(fresh, tmp_path / "out")
+    assert sorted(file_tensors(tmp_path / "out")) == sorted(file_tensors(case["root"] / "peft"))
+
+
 # ----------------------------------------------------------------------------- fused kernels
 
 
