@@ -513,7 +513,8 @@ def mixed_adapters(model: nnx.Module, ids: Any) -> Iterator[nnx.Module]:
     """Run example `b` of every call with adapter `ids[b]` (from `adapter_index`; -1 = base).
 
     `ids` is data: inside `nnx.jit` pass it as an argument and enter the block inside the jitted
-    function, so one compilation serves every mix. Scales apply per adapter; `set_adapter`
+    function, so one compilation serves every mix. (Entering the block around a call of an
+    already-jitted function bakes the ids into its trace, and a cached trace would keep them.) Scales apply per adapter; `set_adapter`
     does not matter here. Merged adapters are refused (unmerge first), as are models with
     `modules_to_save` copies (one copy per example is not supported).
 
