@@ -27,6 +27,12 @@ from shira_jax.app import finetune, sft, source, steps
 
 SEQ_LEN = 63  # rows of 64 tokens
 
+# The model runs compiled, as in training: run eagerly, every op of the forward is compiled
+# again for each new input shape (seconds per example length on CPU). One program per shape.
+forward = nnx.jit(lambda model, ids: model(ids))
+masked_loss = nnx.jit(steps.masked_loss)
+token_losses = nnx.jit(steps.token_losses)
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
@@ -72,10 +78,10 @@ def test_masked_loss_equals_hand_computed_reference():
     model = tiny_jax_llama(0)
     examples = random_examples(4, seed=1)
     rows = sft.pad_rows(examples, SEQ_LEN + 1, pad_id=0)
-    got = float(steps.masked_loss(model, rows))
+    got = float(masked_loss(model, rows))
     total = count = 0.0
     for ids, flags in examples:  # each example alone, no padding: log-softmax by hand
-        logits = np.asarray(model(jnp.asarray([ids[:-1]]))[0], np.float64)
+        logits = np.asarray(forward(model, jnp.asarray([ids[:-1]]))[0], np.float64)
         logp = logits - logits.max(-1, keepdims=True)
         logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
         for t in range(1, len(ids)):
@@ -88,7 +94,7 @@ def test_masked_loss_equals_hand_computed_reference():
 
 def per_example_sums(model, rows) -> list[tuple[int, float]]:
     """(trained tokens, summed loss) of each example (segment) of every row, sorted."""
-    losses, weights = (np.asarray(x) for x in steps.token_losses(model, rows))
+    losses, weights = (np.asarray(x) for x in token_losses(model, rows))
     out = []
     for r, seg in enumerate(rows["segment_ids"]):
         for s in set(seg.tolist()) - {0}:
@@ -111,8 +117,8 @@ def test_packing_gives_the_per_example_losses_of_padding():
     assert not np.allclose([x for _, x in per_example_sums(model, leaky)][:3], 0)
     assert (
         np.abs(
-            np.asarray(steps.token_losses(model, leaky)[0])
-            - np.asarray(steps.token_losses(model, packed)[0])
+            np.asarray(token_losses(model, leaky)[0])
+            - np.asarray(token_losses(model, packed)[0])
         ).max()
         > 1e-3
     )
