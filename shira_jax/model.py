@@ -514,9 +514,10 @@ def mixed_adapters(model: nnx.Module, ids: Any) -> Iterator[nnx.Module]:
 
     `ids` is data: inside `nnx.jit` pass it as an argument and enter the block inside the jitted
     function, so one compilation serves every mix. (Entering the block around a call of an
-    already-jitted function bakes the ids into its trace, and a cached trace would keep them.) Scales apply per adapter; `set_adapter`
-    does not matter here. Merged adapters are refused (unmerge first), as are models with
-    `modules_to_save` copies (one copy per example is not supported).
+    already-jitted function bakes the ids into its trace, and a cached trace would keep them.)
+    Scales apply per adapter; `set_adapter` does not matter here. Merged adapters are refused
+    (unmerge first), as are models with `modules_to_save` copies (one copy per example is not
+    supported).
 
     Example: see `adapter_index`.
     """

@@ -163,6 +163,24 @@ def test_bfloat16_trains_with_float32_adapted_kernels(tiny, tmp_path, trained):
     assert res.model.model.layers[0].mlp.up_proj.kernel[...].dtype == jnp.bfloat16
 
 
+@pytest.mark.parametrize("qtype", ["int8", "nf4"])
+def test_quantized_base_trains_and_exports(tiny, tmp_path, trained, qtype):
+    """--quantize: the adapted kernels are qwix-quantized, the loss still drops, the exported
+    PEFT adapter has PEFT's layout, and the orbax adapter loads onto the float model."""
+    import shira_jax as sj
+
+    res = run_quiet(tiny_config(tiny, tmp_path / qtype, quantize=qtype))
+    m = res.metrics
+    assert m["eval_loss_after"] < m["eval_loss_before"] - 0.1
+    layers = sj.shira_layers(res.model)
+    assert layers and all(layer.quantized for _, layer in layers)
+    ours = json.loads((res.paths["peft"] / "adapter_config.json").read_text())
+    assert ours["peft_type"] == "SHIRA" and ours["r"] == 8
+    float_model = sj.state.extract(trained.model, "default")  # same paths and shapes
+    again = sj.state.extract(res.model, "default")
+    assert again.layers.keys() == float_model.layers.keys()
+
+
 # ----------------------------------------------------------------------------- resume
 
 
@@ -236,6 +254,8 @@ def test_snip_mask_uses_calibration_batches(tiny, tmp_path):
         ({"steps": 0}, "--steps"),
         ({"mask": "magic"}, "unknown --mask"),
         ({"seq_len": 5000}, "too few"),
+        ({"quantize": "int3"}, "unknown --quantize"),
+        ({"quantize": "int8", "mask": "weight_magnitude"}, "--quantize needs --mask random"),
     ],
 )
 def test_bad_input_fails_early_with_one_line(tiny, tmp_path, change, message):

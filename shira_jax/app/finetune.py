@@ -250,6 +250,11 @@ def prepare(cfg: FinetuneConfig, log: Log, timings: Timings) -> Job:
         model = source.load_model(model_path, cfg.dtype)
         targets = source.check_adapter_fits(model, shira_cfg)  # instant; checks GGUF too
         source.keep_float32(model, targets)
+        if cfg.quantize:
+            if lm.is_tunix(model):
+                raise FinetuneError("--quantize supports shira-jax's Llama models, not Tunix's")
+            log(f"quantize {len(targets)} adapted kernels to {cfg.quantize} (qwix, weight-only)")
+            model = source.quantize(model, targets, cfg.quantize)
         placement = _placement(cfg, model, log)
     with timings.measure("tokenize"):
         vocab = lm.vocab_size(model)

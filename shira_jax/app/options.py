@@ -35,6 +35,7 @@ from shira_jax.config import ALL_LINEAR, MASK_TYPES, ShiraConfig
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # `--mask` choices: every mask type but "custom" (a function cannot be a flag).
 MASK_CHOICES = tuple(m for m in MASK_TYPES if m != "custom")
+QUANTIZE_CHOICES = ("int8", "int4", "nf4")  # qwix weight-only PTQ of the adapted kernels
 
 
 class FinetuneError(ValueError):
@@ -74,6 +75,11 @@ class FinetuneConfig:
     seed: int = option(0, "data order and random-mask seed")
     dtype: str = option(
         "bfloat16", "base weights and compute (SHiRA values train in float32)", choices=DTYPES
+    )
+    quantize: str | None = option(
+        None, "quantize the adapted base kernels with qwix (weight-only): int8, int4 or nf4; "
+        "the adapter then adds the sparse product to the quantized matmul (QSHiRA)",
+        choices=QUANTIZE_CHOICES,
     )
     out: str = option("runs/finetune", "output folder")
     resume: bool = option(False, "continue from OUT/checkpoint")
@@ -212,6 +218,17 @@ def validate(cfg: FinetuneConfig) -> None:
     _check_numbers(cfg)
     if cfg.dtype not in DTYPES:
         raise FinetuneError(f"unknown --dtype {cfg.dtype!r}; choose one of {', '.join(DTYPES)}")
+    if cfg.quantize is not None and cfg.quantize not in QUANTIZE_CHOICES:
+        raise FinetuneError(
+            f"unknown --quantize {cfg.quantize!r}; choose one of {', '.join(QUANTIZE_CHOICES)}"
+        )
+    if cfg.quantize is not None and cfg.mask not in ("random", "struct"):
+        raise FinetuneError(
+            f"--quantize needs --mask random or struct (--mask {cfg.mask} reads the float "
+            "kernel or its gradient)"
+        )
+    if cfg.quantize is not None and cfg.mesh:
+        raise FinetuneError("--quantize and --mesh together are not supported yet")
     if cfg.mask in ("gradient", "snip") and cfg.calib_batches < 1:
         raise FinetuneError(f"--mask {cfg.mask} needs --calib-batches >= 1")
     out = Path(cfg.out).expanduser()

@@ -164,6 +164,24 @@ def keep_float32(model: nnx.Module, paths: Sequence[str]) -> None:
             kernel.set_value(kernel[...].astype(jnp.float32))
 
 
+def quantize(model: nnx.Module, paths: Sequence[str], qtype: str) -> nnx.Module:
+    """A copy of `model` whose kernels at `paths` qwix quantized (weight-only PTQ, `qtype`
+    int8 / int4 / nf4). SHiRA adapters on them add the sparse product to the quantized matmul.
+
+    Only shira-jax's Llama (called as `model(ids)`) is supported here.
+    """
+    import re
+
+    import qwix
+
+    if not paths:
+        raise FinetuneError("--quantize: no layer to quantize (check --targets)")
+    pattern = "|".join(re.escape(p).replace(r"\.", "/") for p in paths)  # qwix paths use "/"
+    extra = {"tile_size": 64} if qtype == "nf4" else {}
+    rule = qwix.QuantizationRule(module_path=f"({pattern})", weight_qtype=qtype, **extra)
+    return qwix.quantize_model(model, qwix.PtqProvider([rule]), jnp.zeros((1, 8), jnp.int32))
+
+
 def count_params(model: nnx.Module) -> tuple[int, int]:
     """(trainable SHiRA values, all parameters of the base model)."""
     trainable = nnx.state(model, sj.ShiraParam)
