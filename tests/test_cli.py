@@ -174,6 +174,39 @@ def test_generate_prints_base_and_adapted_text(tiny_run, capsys, monkeypatch):
     assert "--- base model" not in text and "(peft)" in text
 
 
+def _section(text: str, title: str) -> str:
+    """The generated text under the header "--- TITLE ... ---" (TITLE a whole word)."""
+    lines = text.splitlines()
+    start = next(
+        i for i, line in enumerate(lines)
+        if line.startswith(f"--- {title} ") and line.endswith(" ---")
+    )
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("--- ")), None)
+    return "\n".join(lines[start + 1 : end]).strip()
+
+
+def test_generate_one_adapter_per_prompt_in_one_batch(tiny_run, capsys):
+    """Prompts tagged @NAME run in one left-padded batch, each with its own adapter (or the
+    base): greedy text equals what each gives alone."""
+    model, out = str(tiny_run["model"]), tiny_run["out"]
+    argv = ["generate", "--model", model, "--max-new-tokens", "5"]
+    assert main([*argv, "--adapter", str(out), "--no-base", "ROMEO:"]) == 0
+    alone_adapter = _section(capsys.readouterr().out, "with adapter")
+    assert main([*argv, "JULIET, my love:"]) == 0
+    alone_base = _section(capsys.readouterr().out, "base model")
+    mixed = [
+        *argv, "--adapter", f"a={out}", "--adapter", f"b={out / 'peft'}",
+        "@a ROMEO:", "@base JULIET, my love:", "@b ROMEO:",
+    ]
+    assert main(mixed) == 0
+    text = capsys.readouterr().out
+    assert "3 prompts in one batch" in text
+    assert _section(text, "@a") == alone_adapter == _section(text, "@b")
+    assert _section(text, "@base") == alone_base
+    assert main([*argv, "--adapter", f"a={out}", "--adapter", f"b={out}", "ROMEO:"]) != 0
+    assert "tag each prompt" in capsys.readouterr().err
+
+
 def test_convert_orbax_to_peft_and_back(tiny_run, tmp_path, capsys, monkeypatch):
     from safetensors.numpy import load_file
 

@@ -44,12 +44,16 @@ class FinetuneRunOptions:
 class GenerateOptions:
     """`shira-jax generate` flags."""
 
-    prompt: tuple[str, ...] = option((), 'the prompt, e.g. "ROMEO:\\n"', positional=True, nargs="*")
+    prompt: tuple[str, ...] = option(
+        (), 'the prompt, e.g. "ROMEO:\\n"; or several prompts "@NAME text", one adapter each '
+        '(NAME from --adapter NAME=DIR, or "base")', positional=True, nargs="*",
+    )
     model: str | None = option(
         None, "base model (default: the one recorded in the adapter, else smollm2-135m)"
     )
-    adapter: str | None = option(
-        None, "PEFT folder, orbax adapter folder, or a `finetune --out` folder"
+    adapter: tuple[str, ...] = option(
+        (), "[NAME=]FOLDER: a PEFT folder, orbax adapter folder, or a `finetune --out` folder; "
+        "repeat it to give prompts tagged @NAME their own adapter in one batch", repeat=True,
     )
     max_new_tokens: int = option(60)
     temperature: float = option(0.0, "0: greedy")
@@ -115,44 +119,49 @@ def _check_generate(opts: GenerateOptions) -> str:
 
 
 def _generate(opts: GenerateOptions) -> int:
-    import shira_jax as sj
     from shira_jax.app import generate, source
 
-    prompt = _check_generate(opts)
-    adapter = generate.adapter_source(opts.adapter) if opts.adapter else None
+    tagged = generate.tagged_prompts(opts.prompt)
+    prompt = "" if tagged else _check_generate(opts)
+    if tagged:
+        _check_generate(dataclasses.replace(opts, prompt=("x",)))  # the numbers only
+    adapters = generate.named_adapters(opts.adapter)
     model_name = opts.model
-    if model_name is None:  # the adapter's own base model when it names a local one
-        base = generate.adapter_base_model(*adapter) if adapter else None
+    if model_name is None:  # the first adapter's own base model when it names a local one
+        first = next(iter(adapters.values()), None)
+        base = generate.adapter_base_model(*first) if first else None
         model_name = base if base else DEFAULT_MODEL
     model_path = source.resolve_model(model_name)
     tokenizer = source.load_model_tokenizer(model_path)
     model = source.load_model(model_path, opts.dtype)
+    settings = dict(
+        max_new_tokens=opts.max_new_tokens, temperature=opts.temperature, top_k=opts.top_k,
+        seed=opts.seed,
+    )
+    mode = "greedy" if opts.temperature == 0 else f"sampled, temperature {opts.temperature}"
+    if tagged:
+        generate.load_adapters(model, adapters, merge=False)
+        texts = generate.generate_mixed(model, tokenizer, tagged, **settings)
+        print(f"{len(tagged)} prompts in one batch ({mode}, {opts.max_new_tokens} new tokens)")
+        for (name, text_in), text in zip(tagged, texts):
+            print(f"\n--- @{name or 'base'} ---\n{text_in}{text}", flush=True)
+        return 0
+    if len(adapters) > 1:
+        raise ValueError(
+            f"{len(adapters)} adapters given: tag each prompt with the adapter it uses, e.g. "
+            f'"@{next(iter(adapters))} ROMEO:"'
+        )
 
     def show(title: str) -> None:
-        text = generate.generate_text(
-            model,
-            tokenizer,
-            prompt,
-            max_new_tokens=opts.max_new_tokens,
-            temperature=opts.temperature,
-            top_k=opts.top_k,
-            seed=opts.seed,
-        )
+        text = generate.generate_text(model, tokenizer, prompt, **settings)
         print(f"\n--- {title} ---\n{prompt}{text}", flush=True)
 
-    mode = "greedy" if opts.temperature == 0 else f"sampled, temperature {opts.temperature}"
     print(f"prompt ({mode}, {opts.max_new_tokens} new tokens):\n{prompt}", flush=True)
-    if adapter is None or not opts.no_base:
+    if not adapters or not opts.no_base:
         show(f"base model ({model_name}, no adapter)")
-    if adapter is not None:
-        kind, folder = adapter
-        if kind == "orbax":
-            sj.load_adapter(model, folder.absolute(), adapter_name="default")
-        else:
-            import bridge
-
-            bridge.load_peft_adapter(model, folder.absolute(), adapter_name="default")
-        sj.merge(model)  # one scatter now instead of one per decoding step
+    if adapters:
+        generate.load_adapters(model, adapters, merge=True)  # one scatter, not one per step
+        kind, folder = next(iter(adapters.values()))
         show(f"with adapter {folder} ({kind})")
     return 0
 

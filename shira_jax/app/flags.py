@@ -43,12 +43,14 @@ def option(
     type: Any = None,
     nargs: str | None = None,
     positional: bool = False,
+    repeat: bool = False,
 ) -> Any:
     """A dataclass field with default `default` that is also a command-line flag.
 
     `default=dataclasses.MISSING` makes it required (a positional argument, usually).
     `flag` overrides the name (default `--field-name`); `type` the type (default: the
-    default's type, `str` for None); `positional=True` makes an argument without dashes.
+    default's type, `str` for None); `positional=True` makes an argument without dashes;
+    `repeat=True` lets the flag be given several times (a tuple of values, default `()`).
     """
     spec = {
         "help": help,
@@ -58,6 +60,7 @@ def option(
         "type": type,
         "nargs": nargs,
         "positional": positional,
+        "repeat": repeat,
     }
     if default is dataclasses.MISSING:
         return dataclasses.field(metadata={_KEY: spec})
@@ -82,6 +85,8 @@ def _argument(field: dataclasses.Field, spec: dict[str, Any]) -> tuple[list[str]
     for key in ("choices", "metavar", "nargs"):
         if spec[key] is not None:
             kw[key] = spec[key]
+    if spec.get("repeat"):
+        return names, {**kw, "action": "append", "default": None, "type": spec["type"] or str}
     if default is dataclasses.MISSING:
         if not spec["positional"]:
             kw["required"] = True
@@ -107,5 +112,7 @@ def from_namespace(cls: type[T], namespace: argparse.Namespace) -> T:
     for field, _ in _flagged(cls):
         if hasattr(namespace, field.name):
             value = getattr(namespace, field.name)
+            if value is None and isinstance(field.default, tuple):  # a repeatable flag, unused
+                value = field.default
             values[field.name] = tuple(value) if isinstance(value, list) else value
     return cls(**values)

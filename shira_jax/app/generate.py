@@ -64,6 +64,99 @@ def generate_text(
     return tokenizer.decode(new)
 
 
+def named_adapters(specs: tuple[str, ...]) -> dict[str, tuple[str, Path]]:
+    """`--adapter [NAME=]FOLDER` values -> {name: (kind, folder)} (name "default" if none).
+
+    >>> import tempfile
+    >>> run = Path(tempfile.mkdtemp())
+    >>> _ = (run / "adapter_config.json").write_text("{}")
+    >>> list(named_adapters((f"poems={run}",)))
+    ['poems']
+    """
+    out: dict[str, tuple[str, Path]] = {}
+    for spec in specs:
+        name, sep, folder = spec.partition("=")
+        if not sep or "/" in name or not name:
+            name, folder = "default", spec
+        if name in out or name == "base":
+            raise ValueError(f"--adapter {spec}: the name {name!r} is taken; give NAME=FOLDER")
+        out[name] = adapter_source(folder)
+    return out
+
+
+def tagged_prompts(words: tuple[str, ...]) -> list[tuple[str | None, str]]:
+    """Prompts given as "@NAME text" arguments -> [(adapter name or None for "base", text)];
+    [] when no argument is tagged. '\\n' becomes a newline.
+
+    >>> tagged_prompts(("@poems ROMEO:", "@base JULIET:"))
+    [('poems', 'ROMEO:'), (None, 'JULIET:')]
+    """
+    if not any(w.startswith("@") for w in words):
+        return []
+    out = []
+    for word in words:
+        name, _, text = word.partition(" ")
+        if not name.startswith("@") or len(name) < 2 or not text:
+            raise ValueError(f'tag every prompt with its adapter: "@NAME text", got {word!r}')
+        out.append((None if name == "@base" else name[1:], text.replace("\\n", "\n")))
+    return out
+
+
+def load_adapters(model: nnx.Module, adapters: dict[str, tuple[str, Path]], *, merge: bool):
+    """Load every adapter under its name (orbax or PEFT); `merge` folds in the first one."""
+    import shira_jax as sj
+
+    for name, (kind, folder) in adapters.items():
+        if kind == "orbax":
+            sj.load_adapter(model, folder.absolute(), adapter_name=name)
+        else:
+            import bridge
+
+            bridge.load_peft_adapter(model, folder.absolute(), adapter_name=name)
+    if merge and adapters:
+        sj.merge(model)
+
+
+def generate_mixed(
+    model: nnx.Module,
+    tokenizer: data_lib.Tokenizer,
+    prompts: list[tuple[str | None, str]],
+    *,
+    max_new_tokens: int = 60,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    seed: int = 0,
+) -> list[str]:
+    """Continue every prompt with its own adapter (None: the base model) in one left-padded
+    batch (`sj.mixed_adapters`); returns the new text of each prompt."""
+    import shira_jax as sj
+    from shira_jax.models.llama import generate
+
+    if lm.is_tunix(model):
+        raise FinetuneError("one adapter per prompt needs shira-jax's Llama (KV-cache decoding)")
+    rows = [tokenizer.encode(text) for _, text in prompts]
+    if not all(rows):
+        raise FinetuneError("a prompt is empty after tokenization")
+    width = max(len(r) for r in rows)
+    pad = tokenizer.eos_id if tokenizer.eos_id is not None else 0
+    ids = np.array([[pad] * (width - len(r)) + r for r in rows], np.int32)
+    mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows], np.int32)
+    index = sj.adapter_index(model, [name for name, _ in prompts])
+    jax.clear_caches()  # the decoder is jitted: trace it afresh for this mix of adapters
+    with sj.mixed_adapters(model, index):
+        out = generate(
+            model, jnp.asarray(ids), max_new_tokens, temperature=temperature, top_k=top_k,
+            rng=jax.random.key(seed), eos_token_id=tokenizer.eos_id, attention_mask=mask,
+        )
+    texts = []
+    for row in np.asarray(out[:, width:]):
+        new = [int(i) for i in row]
+        if tokenizer.eos_id is not None and tokenizer.eos_id in new:
+            new = new[: new.index(tokenizer.eos_id)]
+        texts.append(tokenizer.decode(new))
+    return texts
+
+
 def adapter_source(path_text: str) -> tuple[str, Path]:
     """("orbax" | "peft", folder) for --adapter: an adapter folder or a finetune --out folder."""
     path = Path(path_text).expanduser()
