@@ -92,6 +92,27 @@ def scan_blocks(blocks: nnx.Module, x):
     return body(x, blocks)
 
 
+class ResidualBlock(nnx.Module):
+    """x + down(relu(up(x))), 16 -> 32 -> 16: the block of `ScanResidual`."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.up = nnx.Linear(16, 32, rngs=rngs)
+        self.down = nnx.Linear(32, 16, rngs=rngs)
+
+    def __call__(self, x):
+        return x + self.down(nnx.relu(self.up(x)))
+
+
+class ScanResidual(nnx.Module):
+    """Three `ResidualBlock`s made under `nnx.vmap` (kernels `[3, in, out]`), run by `nnx.scan`."""
+
+    def __init__(self):
+        self.layers = stacked_blocks(ResidualBlock, 3, nnx.Rngs(0))
+
+    def __call__(self, x):
+        return scan_blocks(self.layers, x)
+
+
 # --------------------------------------------------------------------------- refused changes
 
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import scan_blocks, stacked_blocks
+from conftest import ResidualBlock, ScanResidual
 from flax import nnx
 
 import shira_jax as sj
@@ -28,21 +28,6 @@ def close(got, want):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
-class MLP(nnx.Module):
-    def __init__(self, rngs: nnx.Rngs):
-        self.up = nnx.Linear(16, 32, rngs=rngs)
-        self.down = nnx.Linear(32, 16, rngs=rngs)
-
-    def __call__(self, x):
-        return x + self.down(nnx.relu(self.up(x)))
-
-
-class ScanNet(nnx.Module):
-    def __init__(self):
-        self.layers = stacked_blocks(MLP, 3, nnx.Rngs(0))
-
-    def __call__(self, x):
-        return scan_blocks(self.layers, x)
 
 
 def cfg(mode: str, seed: int = 1) -> sj.ShiraConfig:
@@ -66,13 +51,15 @@ def loss_and_grads(model, x):
     return np.asarray(y), values, np.asarray(g_x)
 
 
-@pytest.mark.parametrize("make", [lambda: MLP(nnx.Rngs(0)), ScanNet], ids=["plain", "stacked"])
+@pytest.mark.parametrize(
+    "make", [lambda: ResidualBlock(nnx.Rngs(0)), ScanResidual], ids=["plain", "stacked"]
+)
 def test_sparse_equals_patched_outputs_and_gradients(make):
     x = jax.random.normal(jax.random.key(3), (2, 5, 16))
     results = {}
     for mode in ("patched", "sparse"):
         model = make()
-        apply = stacked.apply_shira_stacked if isinstance(model, ScanNet) else sj.apply_shira
+        apply = stacked.apply_shira_stacked if isinstance(model, ScanResidual) else sj.apply_shira
         apply(model, cfg(mode))
         sj.set_scale(model, "default", 0.7)
         modes = {layer.resolved_mode("default", 10) for _, layer in sj.shira_layers(model)}
@@ -88,12 +75,12 @@ def test_sparse_equals_patched_outputs_and_gradients(make):
 
 def test_two_adapters_one_sparse_one_patched():
     x = jax.random.normal(jax.random.key(4), (3, 16))
-    model = MLP(nnx.Rngs(0))
+    model = ResidualBlock(nnx.Rngs(0))
     sj.apply_shira(model, cfg("patched", 1), adapter_name="a")
     sj.apply_shira(model, cfg("sparse", 2), adapter_name="b")
     sj.set_adapter(model, ["a", "b"])
     mixed = np.asarray(model(x))
-    ref = MLP(nnx.Rngs(0))
+    ref = ResidualBlock(nnx.Rngs(0))
     sj.apply_shira(ref, cfg("patched", 1), adapter_name="a")
     sj.apply_shira(ref, cfg("patched", 2), adapter_name="b")
     sj.set_adapter(ref, ["a", "b"])

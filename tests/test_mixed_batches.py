@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import scan_blocks, stacked_blocks, tiny_jax_llama
+from conftest import ScanResidual, tiny_jax_llama
 from flax import nnx
 
 import shira_jax as sj
@@ -99,25 +99,10 @@ def test_merged_adapters_and_bad_ids_are_refused():
             model(x)
 
 
-class Block(nnx.Module):
-    def __init__(self, rngs: nnx.Rngs):
-        self.up = nnx.Linear(16, 32, rngs=rngs)
-        self.down = nnx.Linear(32, 16, rngs=rngs)
-
-    def __call__(self, x):
-        return x + self.down(nnx.relu(self.up(x)))
-
-
-class ScanNet(nnx.Module):
-    def __init__(self):
-        self.layers = stacked_blocks(Block, 3, nnx.Rngs(0))
-
-    def __call__(self, x):
-        return scan_blocks(self.layers, x)
 
 
 def test_mixed_batch_through_scan_stacked_layers():
-    model = ScanNet()
+    model = ScanResidual()
     for i, name in enumerate(["a", "b"]):
         stacked.apply_shira_stacked(model, cfg(i, ["up", "down"]), adapter_name=name)
     x = jax.random.normal(jax.random.key(1), (3, 5, 16))
