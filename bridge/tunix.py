@@ -67,6 +67,7 @@ from shira_jax.state import AdapterState, LayerState
 
 __all__ = [
     "FAMILIES",
+    "tunix_flags",
     "Family",
     "Rule",
     "Slot",
@@ -436,6 +437,15 @@ def _model_class(family: Family) -> type:
     return getattr(importlib.import_module(f"{family.package}.model"), family.model_class)
 
 
+def tunix_flags() -> None:
+    """Set flax the way Tunix's models need it: `flax_always_shard_variable` off (importing
+    Tunix's model modules does this once; anyone may have turned it back on since, and Tunix's
+    sharding names then need a mesh to build a variable)."""
+    import flax
+
+    flax.config.update("flax_always_shard_variable", False)
+
+
 def abstract_model(path: str | os.PathLike, *, dtype: Any = jnp.float32) -> nnx.Module:
     """The Tunix model of an HF dir with shapes only (no weights read, no memory)."""
     d = read_hf_config(path)
@@ -444,6 +454,7 @@ def abstract_model(path: str | os.PathLike, *, dtype: Any = jnp.float32) -> nnx.
         warnings.simplefilter("ignore")
         config = model_config(d, dtype=dtype)
     cls = _model_class(family)
+    tunix_flags()
     return nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(params=0)))
 
 
@@ -475,6 +486,7 @@ def from_pretrained(
     param_dtype = dtype if param_dtype is None else param_dtype
     config = model_config(d, dtype=dtype, param_dtype=param_dtype)
     loader = importlib.import_module(family.loader)
+    tunix_flags()
     try:
         model = loader.create_model_from_safe_tensors(
             file_dir=str(Path(path).absolute()), config=config, mesh=mesh, dtype=param_dtype

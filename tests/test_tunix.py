@@ -355,6 +355,17 @@ def test_peft_trainer_step_trains_only_shira_values(qwen3_dir):
 # ----------------------------------------------------------------------------- models, app
 
 
+def test_models_build_after_someone_restored_flax_flags(qwen3_dir):
+    """Tunix's import turns `flax_always_shard_variable` off once; a test (or user) that turns
+    it back on must not break later loads (an xdist order seen in a full run)."""
+    import flax
+
+    with flax.config.temp_flip_flag("always_shard_variable", True):
+        assert tunix.abstract_model(qwen3_dir / "hf") is not None
+    with flax.config.temp_flip_flag("always_shard_variable", True):
+        assert tunix.is_tunix_model(bridge.from_pretrained(qwen3_dir / "hf"))
+
+
 def test_from_pretrained_picks_the_model_by_model_type(qwen3_dir, tmp_path):
     from shira_jax.models import LlamaForCausalLM
 
