@@ -214,12 +214,9 @@ def _fixed_rope(d: Mapping[str, Any], family: str) -> None:
         )
 
 
-def _qwen3_config(d: Mapping[str, Any], dtype: Any, param_dtype: Any) -> Any:
-    from tunix.models.qwen3 import model as lib
-
-    _check_activation(d, "hidden_act", ("silu",), "qwen3")
-    _fixed_rope(d, "qwen3")
-    return lib.ModelConfig(
+def _shape_fields(d: Mapping[str, Any]) -> dict[str, int]:
+    """The ModelConfig sizes Tunix's Qwen3, Qwen2 and Llama3 name alike, from config.json."""
+    return dict(
         num_layers=int(d["num_hidden_layers"]),
         vocab_size=int(d["vocab_size"]),
         embed_dim=int(d["hidden_size"]),
@@ -227,6 +224,16 @@ def _qwen3_config(d: Mapping[str, Any], dtype: Any, param_dtype: Any) -> Any:
         num_heads=int(d["num_attention_heads"]),
         head_dim=_head_dim(d),
         num_kv_heads=int(d.get("num_key_value_heads") or d["num_attention_heads"]),
+    )
+
+
+def _qwen3_config(d: Mapping[str, Any], dtype: Any, param_dtype: Any) -> Any:
+    from tunix.models.qwen3 import model as lib
+
+    _check_activation(d, "hidden_act", ("silu",), "qwen3")
+    _fixed_rope(d, "qwen3")
+    return lib.ModelConfig(
+        **_shape_fields(d),
         rope_theta=int(_rope(d)[0]),
         norm_eps=float(d.get("rms_norm_eps", 1e-6)),
         use_tied_embedding=bool(d.get("tie_word_embeddings", False)),
@@ -243,13 +250,7 @@ def _qwen2_config(d: Mapping[str, Any], dtype: Any, param_dtype: Any) -> Any:
     if scaling:
         _warn(f"qwen2: Tunix's Qwen2 ignores the rope scaling {scaling} of config.json.")
     return lib.ModelConfig(
-        num_layers=int(d["num_hidden_layers"]),
-        vocab_size=int(d["vocab_size"]),
-        embed_dim=int(d["hidden_size"]),
-        hidden_dim=int(d["intermediate_size"]),
-        num_heads=int(d["num_attention_heads"]),
-        head_dim=_head_dim(d),
-        num_kv_heads=int(d.get("num_key_value_heads") or d["num_attention_heads"]),
+        **_shape_fields(d),
         rope_theta=int(theta),
         norm_eps=float(d.get("rms_norm_eps", 1e-6)),
         use_tied_embedding=bool(d.get("tie_word_embeddings", False)),
@@ -266,13 +267,7 @@ def _llama3_config(d: Mapping[str, Any], dtype: Any, param_dtype: Any) -> Any:
         raise ValueError("llama3: Tunix's Llama3 has no biases; this checkpoint has some.")
     _fixed_rope(d, "llama3")
     return lib.ModelConfig(
-        num_layers=int(d["num_hidden_layers"]),
-        vocab_size=int(d["vocab_size"]),
-        embed_dim=int(d["hidden_size"]),
-        hidden_dim=int(d["intermediate_size"]),
-        num_heads=int(d["num_attention_heads"]),
-        head_dim=_head_dim(d),
-        num_kv_heads=int(d.get("num_key_value_heads") or d["num_attention_heads"]),
+        **_shape_fields(d),
         rope_theta=int(_rope(d)[0]),
         norm_eps=float(d.get("rms_norm_eps", 1e-5)),
         weight_tying=bool(d.get("tie_word_embeddings", False)),
