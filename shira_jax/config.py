@@ -83,9 +83,12 @@ class ShiraConfig:
         delta_mode: how the forward applies the delta (ours, not a PEFT field): "patched"
             scatters the values into a copy of the kernel and runs the layer's one matmul;
             "sparse" runs the base layer and adds `x @ S` from the `nnz` entries
-            (`ops.sparse_product`; `[in, out]` kernels); "auto" picks per layer and call by
-            the crossover measured in BENCHMARKS.md (sparse for few tokens: decoding).
-            Default "patched", PEFT's forward.
+            (`ops.sparse_product`; on N-D kernels too: nnx.LinearGeneral, nnx.Einsum, Tunix
+            einsum modules, whose input is moved to `[tokens, in]` and the product back to
+            the output layout; refused, before any change, for N-D kinds registered by
+            in_axes/out_axes and einsums whose input repeats an axis); "auto" picks per
+            layer and call by the crossover measured in BENCHMARKS.md (sparse for few
+            tokens: decoding). Default "patched", PEFT's forward.
     """
 
     r: int = 32

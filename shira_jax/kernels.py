@@ -3,7 +3,9 @@
 A SHiRA adapter sees the weight it modifies through a `KernelView`: a `[*stack, in, out]`
 array whose trailing two axes are the 2-D matrix the adapter's indices address and whose
 leading axes (scan-stacked layers) hold one independent matrix each. `kernel_view(module)`
-knows `nnx.Linear` (kernel `[in, out]`, or `[L, in, out]` when created under `nnx.vmap`).
+knows `nnx.Linear` (kernel `[in, out]`, or `[L, in, out]` when created under `nnx.vmap`),
+N-D kernels (`KernelLayout`) and einsum modules; `sparse_route` says how such a module's
+input and output meet the matrix, for the sparse product (`delta_mode="sparse"`).
 
 The rest of this module places adapter arrays next to a kernel split over a device mesh and
 picks the scatter to use: shard-local (`shard_map`, no kernel gather) when the kernel is
@@ -40,6 +42,7 @@ __all__ = [
     "AxisEntry",
     "KernelLayout",
     "KernelView",
+    "SparseRoute",
     "adapter_metadata",
     "axis_names",
     "einsum_axes",
@@ -50,6 +53,9 @@ __all__ = [
     "register_kernel",
     "scatter_delta",
     "scatter_fn",
+    "matrix_layout",
+    "sparse_refusal",
+    "sparse_route",
 ]
 
 AxisEntry = str | tuple[str, ...] | None
@@ -136,6 +142,9 @@ class KernelView:
         unsupported: why SHiRA cannot adapt this weight yet ("" when it can).
         quantized: the weight is quantized (qwix `WithAux`): SHiRA adds the sparse product to
             the quantized base matmul and never writes the weight.
+        einsum: the module's forward as `"input,weight->output"` (any input rank through
+            `...`), which routes `delta_mode="sparse"` on an N-D kernel (`sparse_route`);
+            None when unknown (kinds registered by `in_axes`/`out_axes`).
     """
 
     module: nnx.Module
@@ -147,6 +156,7 @@ class KernelView:
     layout: KernelLayout | None = None
     unsupported: str = ""
     quantized: bool = False
+    einsum: str | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -267,6 +277,7 @@ def _axes_view(
     in_axes: tuple[int, ...],
     out_axes: tuple[int, ...],
     stack_axes: tuple[int, ...],
+    einsum: str | None = None,
 ) -> KernelView | None:
     variable, shape, why = _weight(module, attr)
     if not shape:
@@ -294,7 +305,7 @@ def _axes_view(
     plain = in_axes == (ndim - 2,) and out_axes == (ndim - 1,) and ndim == 2
     return KernelView(
         module, variable, (), layout.n_in, layout.n_out, attr,
-        None if plain else layout, why,
+        None if plain else layout, why, einsum=einsum,
     )
 
 
@@ -324,12 +335,126 @@ def einsum_axes(spec: str, ndim: int) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(kinds[k]) for k in ("in", "out", "stack", "other"))
 
 
+@dataclasses.dataclass(frozen=True)
+class SparseRoute:
+    """How an N-D kernel's module input meets the `[in, out]` matrix its adapter addresses, for
+    `ops.sparse_product`: `rows(x)` is the input as `[*tokens, in]` (the contracted axes moved
+    last, flattened row-major in kernel order, as `KernelLayout` flattens `in`), and
+    `output(cols)` puts a `[*tokens, out]` product back in the module's output layout.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> layout = KernelLayout((4, 2, 3), in_axes=(1, 2), out_axes=(0,))  # "BNH,DNH->BD"
+        >>> route = sparse_route("BNH,DNH->DB", layout)
+        >>> route.rows(jnp.zeros((5, 2, 3))).shape, route.output(jnp.zeros((5, 4))).shape
+        ((5, 6), (4, 5))
+        >>> route.tokens((5, 2, 3))
+        5
+    """
+
+    to_rows: str  # one-operand einsum: input -> (..., tokens, in axes in kernel order)
+    to_output: str  # one-operand einsum: (..., tokens, out axes in kernel order) -> output
+    in_sizes: tuple[int, ...]
+    out_sizes: tuple[int, ...]
+    token_letters: str  # the input's letters that reach the output (not the kernel)
+    input_spec: str  # the input's subscripts, `...` included
+
+    def rows(self, x: jax.Array) -> jax.Array:
+        """`x` as `[*tokens, in]` (a transpose, then a free reshape)."""
+        lhs, rhs = self.to_rows.split("->")
+        moved = x if lhs == rhs else jnp.einsum(self.to_rows, x)
+        lead = moved.shape[: moved.ndim - len(self.in_sizes)]
+        return moved.reshape(*lead, math.prod(self.in_sizes))
+
+    def output(self, cols: jax.Array) -> jax.Array:
+        """A `[*tokens, out]` product in the module's output layout."""
+        split = cols.reshape(*cols.shape[:-1], *self.out_sizes)
+        lhs, rhs = self.to_output.split("->")
+        return split if lhs == rhs else jnp.einsum(self.to_output, split)
+
+    def tokens(self, shape: Sequence[int]) -> int:
+        """How many `[in]` rows an input of `shape` has (`ops.prefer_sparse`'s `tokens`)."""
+        head, _, tail = self.input_spec.partition("...")
+        dims = dict(zip(head, shape[: len(head)]))
+        dims.update(zip(tail, shape[len(shape) - len(tail) :]))
+        kept = [n for c, n in dims.items() if c in self.token_letters]
+        if "..." in self.to_output:
+            kept += list(shape[len(head) : len(shape) - len(tail)])
+        return math.prod(kept)
+
+
+@functools.lru_cache(maxsize=256)
+def sparse_route(spec: str, layout: KernelLayout) -> SparseRoute:
+    """The `SparseRoute` of a module computing `spec` (`"input,weight->output"`) with a kernel
+    seen through `layout`; ValueError for a form the sparse product cannot take.
+
+    Refused: an input subscript that names an axis twice (a diagonal), and outputs whose axes
+    are not the input's uncontracted axes plus the kernel's output axes (batch axes shared by
+    input, kernel and output are refused earlier, by `kernel_view`).
+    """
+    text = spec.replace(" ", "")
+    try:
+        operands, out = text.split("->")
+        x, w = operands.split(",")
+    except ValueError:
+        raise ValueError(f"einsum {spec!r}: need exactly 'input,weight->output'.") from None
+    letters, out_letters = x.replace("...", ""), out.replace("...", "")
+    if len(set(letters)) != len(letters) or len(w) != len(layout.shape):
+        raise ValueError(
+            f"einsum {spec!r}: the sparse product needs an input that names each axis once and a "
+            f"weight with the kernel's {len(layout.shape)} axes"
+        )
+    ell = "..." if "..." in x and "..." in out else ""
+    tokens = "".join(c for c in letters if c in out_letters and c not in w)
+    k_in = "".join(w[a] for a in layout.in_axes)
+    k_out = "".join(w[a] for a in layout.out_axes)
+    if sorted(out_letters) != sorted(tokens + k_out) or ("..." in out) != bool(ell):
+        raise ValueError(
+            f"einsum {spec!r}: the sparse product needs an output made of the input's "
+            f"uncontracted axes and the weight's output axes {k_out!r}"
+        )
+    return SparseRoute(
+        to_rows=f"{x}->{ell}{tokens}{k_in}",
+        to_output=f"{ell}{tokens}{k_out}->{out}",
+        in_sizes=tuple(layout.shape[a] for a in layout.in_axes),
+        out_sizes=tuple(layout.shape[a] for a in layout.out_axes),
+        token_letters=tokens,
+        input_spec=x,
+    )
+
+
+def sparse_refusal(view: KernelView) -> str:
+    """Why `delta_mode="sparse"` cannot run on `view`'s weight, or "" when it can.
+
+    Plain `[in, out]` kernels (`nnx.Linear`) always can; weights seen through an einsum (also a
+    2-D one, whose output may be laid out otherwise) when `sparse_route` takes it; kinds
+    registered by `in_axes`/`out_axes` with an N-D or transposed weight cannot.
+    """
+    if view.einsum is None:
+        if view.layout is None:
+            return ""
+        return (
+            "SHiRA does not know how its input meets its weight (a kind registered by "
+            "in_axes/out_axes); register it with einsum=... for the sparse product"
+        )
+    try:
+        sparse_route(view.einsum, matrix_layout(view.layout, view.n_in, view.n_out))
+    except ValueError as err:
+        return str(err)
+    return ""
+
+
+def matrix_layout(layout: KernelLayout | None, n_in: int, n_out: int) -> KernelLayout:
+    """`layout`, or for a plain `[in, out]` kernel (None) the trivial one."""
+    return layout if layout is not None else KernelLayout((n_in, n_out), (0,), (1,))
+
+
 def _einsum_view(module: Any, attr: str, spec: Any) -> KernelView | None:
     variable, shape, why = _weight(module, attr)
     if not shape or not isinstance(spec, str):
         return None
     in_axes, out_axes, stack_axes, other = einsum_axes(spec, len(shape))
-    view = _axes_view(module, attr, in_axes, out_axes, stack_axes + other)
+    view = _axes_view(module, attr, in_axes, out_axes, stack_axes + other, spec.replace(" ", ""))
     if view is not None and not (in_axes and out_axes) and not view.unsupported:
         view = dataclasses.replace(
             view, unsupported=f"its einsum {spec!r} has no contracted or no output weight axis"
@@ -351,13 +476,45 @@ def _linear_view(module: nnx.Linear) -> KernelView | None:
 def _linear_general_view(module: nnx.LinearGeneral) -> KernelView | None:
     n_stack, n_in = len(module.batch_axis), len(module.in_features)
     ndim = n_stack + n_in + len(module.out_features)
+    einsum = None if n_stack else _linear_general_einsum(module.axis, n_in, ndim - n_in)
     return _axes_view(
         module,
         "kernel",
         tuple(range(n_stack, n_stack + n_in)),
         tuple(range(n_stack + n_in, ndim)),
         tuple(range(n_stack)),
+        einsum,
     )
+
+
+def _linear_general_einsum(axis: Sequence[int], n_in: int, n_out: int) -> str | None:
+    """`nnx.LinearGeneral`'s `dot_general` as an einsum over any input rank: kernel axis `i`
+    contracts the `i`-th of the input's `axis` in ascending order (Flax sorts them); the output
+    is the other input axes, then the kernel's out axes. Non-negative axes count from the
+    front, negative ones from the back (`...` between).
+
+    >>> _linear_general_einsum((-1, -2), 2, 1)
+    '...ab,abc->...c'
+    >>> _linear_general_einsum((1,), 1, 2)
+    'Aa...,abc->A...bc'
+    """
+    axis = tuple(sorted((int(a) for a in axis), key=lambda a: (a < 0, a)))
+    if len(axis) != n_in or len(set(axis)) != n_in:
+        return None
+    kernel = "abcdefghijklmnopqrstuvwxyz"[: n_in + n_out]
+    head = [None] * (max([a + 1 for a in axis if a >= 0], default=0))
+    tail = [None] * (max([-a for a in axis if a < 0], default=0))
+    for letter, a in zip(kernel, axis):
+        if a >= 0:
+            head[a] = letter
+        else:
+            tail[len(tail) + a] = letter
+    batch = iter("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    head = [c or next(batch) for c in head]
+    tail = [c or next(batch) for c in tail]
+    kept = lambda part: "".join(c for c in part if c.isupper())  # noqa: E731
+    x = "".join(head) + "..." + "".join(tail)
+    return f"{x},{kernel}->{kept(head)}...{kept(tail)}{kernel[n_in:]}"
 
 
 def _nnx_einsum_view(module: nnx.Einsum) -> KernelView | None:

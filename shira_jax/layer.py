@@ -66,6 +66,9 @@ class ShiraDense(nnx.Module):
 
     The forward pass scatters `scaling * values` of every active, unmerged adapter into a copy
     of the kernel and runs the base layer's one matmul on it (never a second pass over x).
+    An adapter with `delta_mode="sparse"` (or "auto" on few tokens) instead adds
+    `ops.sparse_product` to the base output; on an N-D kernel the input is moved to `[*tokens,
+    in]` and the product back to the module's output layout (`kernels.SparseRoute`).
 
     Attributes:
         base_layer: the wrapped layer (its weight seen as `[in, out]`).
@@ -89,6 +92,9 @@ class ShiraDense(nnx.Module):
         self.base_layer = base_layer
         self.weight_attr = view.attr
         self.kernel_layout = view.layout
+        # the module's forward as an einsum: routes the sparse product (kernels.SparseRoute)
+        self.sparse_einsum = view.einsum
+        self.sparse_unsupported = kernels.sparse_refusal(view)  # "": delta_mode="sparse" runs
         self.quantized = view.quantized  # a qwix kernel: always the sparse product, no merge
         self.shira_weight = nnx.Dict()
         self.shira_indices = nnx.Dict()
@@ -165,11 +171,11 @@ class ShiraDense(nnx.Module):
         """
         if adapter in self.shira_weight:
             raise ValueError(f"Layer {self.layer_name}: adapter {adapter!r} already exists.")
-        if delta_mode == "sparse" and self.kernel_layout is not None:
+        if delta_mode == "sparse" and self.sparse_unsupported:
             raise ValueError(
-                f"Layer {self.layer_name or '?'}: delta_mode='sparse' needs an [in, out] kernel "
-                f"(nnx.Linear); this {type(self.base_layer).__name__}'s weight is "
-                f"{tuple(self.kernel_variable.shape)}. Use 'patched' or 'auto'."
+                f"Layer {self.layer_name or '?'}: delta_mode='sparse' cannot run on this "
+                f"{type(self.base_layer).__name__} (weight {tuple(self.kernel_variable.shape)}): "
+                f"{self.sparse_unsupported}. Use 'patched' or 'auto'."
             )
         idx = jnp.asarray(indices, jnp.int32)
         nnz = idx.shape[1]
@@ -325,7 +331,8 @@ class ShiraDense(nnx.Module):
         live = self._live_adapters()
         if not live:
             return self.base_layer(inputs, *args, **kwargs)
-        tokens = math.prod(inputs.shape[:-1])
+        route = self._sparse_route()
+        tokens = math.prod(inputs.shape[:-1]) if route is None else route.tokens(inputs.shape)
         sparse = tuple(a for a in live if self.resolved_mode(a, tokens) == "sparse")
         if not sparse:
             return self._patched_forward(live, inputs, *args, **kwargs)
@@ -334,23 +341,34 @@ class ShiraDense(nnx.Module):
             out = self._patched_forward(patched, inputs, *args, **kwargs)
         else:
             out = self.base_layer(inputs, *args, **kwargs)
+        rows = inputs if route is None else route.rows(inputs)  # [*tokens, in]
         for a in sparse:
             delta = ops.sparse_product(
-                inputs, self.shira_indices[a][...], self.shira_weight[a][...],
+                rows, self.shira_indices[a][...], self.shira_weight[a][...],
                 self.out_features, self.scaling[a],
             )
+            delta = delta if route is None else route.output(delta)
             out = out + delta.astype(out.dtype)
         return out
 
+    def _sparse_route(self) -> kernels.SparseRoute | None:
+        """How the input and output of a kernel seen through an einsum meet its `[in, out]`
+        matrix (None: a plain `[in, out]` kernel, or one the sparse product cannot take)."""
+        if self.sparse_einsum is None or self.sparse_unsupported:
+            return None
+        layout = kernels.matrix_layout(self.kernel_layout, self.in_features, self.out_features)
+        return kernels.sparse_route(self.sparse_einsum, layout)
+
     def resolved_mode(self, adapter: str, tokens: int) -> str:
         """"patched" or "sparse": the adapter's `delta_mode`, with "auto" decided for a call
-        over `tokens` input rows (`ops.prefer_sparse`; N-D kernels are always patched)."""
+        over `tokens` input rows (`ops.prefer_sparse` on the `[in, out]` matrix; patched where
+        the sparse product cannot run: `sparse_unsupported`)."""
         mode = self.delta_mode.get(adapter, "patched")
         if self.quantized:
             return "sparse"
         if mode != "auto":
             return mode
-        if self.kernel_layout is not None:
+        if self.sparse_unsupported:
             return "patched"
         nnz = int(self.shira_indices[adapter].shape[-1])
         sparse = ops.prefer_sparse(tokens, nnz, self.in_features, self.out_features)

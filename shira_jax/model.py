@@ -32,7 +32,7 @@ from flax import nnx
 
 from shira_jax import masks
 from shira_jax.config import ShiraConfig, resolve_targets
-from shira_jax.kernels import KernelView, kernel_view
+from shira_jax.kernels import KernelView, kernel_view, sparse_refusal
 from shira_jax.layer import (
     ShiraDense,
     attach_adapter,
@@ -177,11 +177,13 @@ def apply_shira(
             "the float model and pass indices=)."
         )
     if config.delta_mode == "sparse":
-        n_d = [t for t, v in views.items() if v.layout is not None]
-        if n_d:
+        refused = {t: why for t, v in views.items() if (why := sparse_refusal(v))}
+        if refused:
+            first = next(iter(refused))
             raise ValueError(
-                f"delta_mode='sparse' needs [in, out] kernels (nnx.Linear); {n_d[:3]} have N-D "
-                "weights. Use delta_mode='auto' (patched there) or narrow target_modules."
+                f"delta_mode='sparse' cannot run on {list(refused)[:3]} ({first}: "
+                f"{refused[first]}). Use delta_mode='auto' (patched there) or narrow "
+                "target_modules."
             )
     save_paths = (
         select_modules_to_save(modules, config.modules_to_save, targets)
