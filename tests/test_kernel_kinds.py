@@ -1,6 +1,7 @@
 """SHiRA on every kernel kind: nnx.LinearGeneral, nnx.Einsum, Tunix-style einsum modules and
 kinds taught by `sj.register_kernel`; refusals for what cannot be adapted (quantized kernels,
-batch axes, non-linear targets); `ShiraParam` as an `nnx.LoRAParam` for LoRA-only trainers.
+batch axes, non-linear targets); `ShiraParam` as an `nnx.LoRAParam` for LoRA-only trainers;
+`delta_mode="sparse"` on each (tests/test_delta_modes.py compares it with the patched path).
 
 Tolerances: the patched forward adds `scale * values` to the kernel entries in fp32 exactly as
 the reference adds the dense delta, so outputs agree to fp32 rounding of the einsum's
@@ -146,6 +147,19 @@ def test_values_gradient_is_kernel_gradient_at_the_indices():
         matrix = np.asarray(kgrad if view.layout is None else view.layout.to_matrix(kgrad))
         idx = np.asarray(layer.shira_indices["default"][...])
         np.testing.assert_allclose(got, matrix[idx[0], idx[1]], rtol=1e-5, atol=1e-6)
+
+
+def test_sparse_delta_mode_on_every_kind_matches_the_reference_under_jit():
+    """delta_mode="sparse" on every layout above (N-D and einsum kernels move the input to
+    `[*tokens, in]` and the product back): the same delta, summed in another order than the
+    reference's one einsum (rtol/atol 1e-5, the tolerance of tests/test_delta_modes.py)."""
+    model = make()
+    sj.apply_shira(model, cfg(delta_mode="sparse"))
+    assert {layer.resolved_mode("default", 10) for _, layer in sj.shira_layers(model)} == {
+        "sparse"
+    }
+    got = nnx.jit(lambda m, x: m(x))(model, x_in())
+    np.testing.assert_allclose(got, reference(model), rtol=1e-5, atol=1e-5)
 
 
 def test_merge_unmerge_switch_are_bit_exact():
