@@ -1,0 +1,69 @@
+"""`make quality`'s study script runs end to end (tiny model, few steps) and its report says
+what its results say: every table number comes from `results.json`, every plot exists."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from benchmarks import quality
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    lrs = [quality.schedule(i, 100, 1e-2) for i in range(100)]
+    assert lrs[0] == pytest.approx(1e-3)  # 10 warmup steps: 1/10 of the peak first
+    assert max(lrs) == pytest.approx(1e-2)
+    assert lrs[-1] < 1e-4 and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+@pytest.mark.slow
+def test_quick_study_writes_a_report_that_matches_its_results(tmp_path):
+    payload = quality.main(["--quick", "--size", "tiny", "--out", str(tmp_path)])
+    text = (tmp_path / "QUALITY.md").read_text()
+    saved = json.loads((tmp_path / "figures" / "results.json").read_text())
+    runs = saved["runs"]
+    assert saved["best_lr"] == payload["best_lr"]
+
+    # every plot the report shows exists and is a real PNG
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert len(images) == 4
+    for rel in images:
+        data = (tmp_path / rel).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+    # each method got its own sweep of >= 3 rates, and its best rate is the sweep's argmin
+    for method in quality.METHODS:
+        sweep = {
+            r["lr"]: r["eval_a"] for r in runs if r["stage"] == "sweep" and r["method"] == method
+        }
+        assert len(sweep) >= 3
+        assert saved["best_lr"][method] == min(sweep, key=sweep.get)
+        main = [r for r in runs if r["stage"] == "main" and r["method"] == method]
+        assert len(main) == 1 and main[0]["lr"] == saved["best_lr"][method]
+        assert f"{main[0]['eval_a']:.4f}" in text
+
+    # equal size: every method trains the same number of values, per target set
+    for stage in ("main", "all"):
+        sizes = {r["params"] for r in runs if r["stage"] == stage}
+        assert len(sizes) == 1, (stage, sizes)
+    # training helped: every main run ends below the base model's held-out loss
+    assert all(r["eval_a"] < saved["base"]["a"] for r in runs if r["stage"] == "main")
+
+    # LoRA and the best SHiRA mask have several seeds, and the report gives their spread
+    best_shira = next(m for m in saved["ranked"] if m != "LoRA")
+    for method in ("LoRA", best_shira):
+        stats = quality.seed_stats(runs, method)
+        assert stats["n"] == saved["protocol"]["seeds"]
+        assert f"{stats['mean']:.4f} ± {stats['std']:.4f}" in text
+
+    # fusion: the SHiRA pair, a non-overlapping pair (no shared entry), the LoRA pair
+    fusion = {f["label"]: f for f in saved["fusion"]}
+    assert len(fusion) == 3 and "LoRA pair" in fusion
+    disjoint = next(f for k, f in fusion.items() if k.endswith("non-overlapping"))
+    assert disjoint["overlap"] == 0.0
+    for f in fusion.values():
+        assert f"{f['fused'][0]:.4f}" in text and f"{f['awor']:.3f}" in text
+        assert f["drop_a"] == pytest.approx(f["fused"][0] - f["a_alone"][0])
+    assert "## Verdict" in text and saved["command"] in text
