@@ -20,7 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-MODULES = ("train_step", "switching", "mask_generation", "bridge_load", "sparse_modes")
+MODULES = (
+    "train_step", "switching", "mask_generation", "bridge_load", "sparse_modes", "quantized"
+)
 ROOT = Path(__file__).resolve().parents[1]
 
 INTRO = """\

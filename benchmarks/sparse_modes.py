@@ -9,8 +9,8 @@ ratios of medians against a baseline measured in the same run.
   nnx.LoRA against the frozen step.
 - Decoding (one token): the same slice, sparse / patched / auto.
 - Mixed batch: 8 sequences on 8 different adapters vs the same batch on one adapter.
-- Quantized base (qwix PTQ int8 / nf4): bytes of the targeted weights + adapter vs bf16, and the
-  train step vs the float base, next to qwix QLoRA at the same rank.
+
+Quantized bases (QSHiRA) are section 7 (`benchmarks/quantized.py`).
 """
 
 from __future__ import annotations
@@ -54,14 +54,7 @@ ANALYSIS = """What this run says (2 cores under load, load average in the header
   The per-layer `auto` goal rows are therefore not resolvable on this machine (several read
   MISSED, several read better than the best mode). The crossover table puts the break-even
   between 0.3 and 0.9 for `tokens * nnz / (in * out)`; `SPARSE_CROSSOVER = 0.15` is on the safe
-  side of it (every call at or below 0.15 was faster sparse, bar one noisy row).
-- Quantized bases: QSHiRA trains 13.5x slower than SHiRA on the float base, where qwix QLoRA is
-  1.7-1.8x: on a quantized kernel SHiRA always uses the sparse product, which is slow on CPU at
-  512 tokens (the row above). The fix is a dequantize + patched forward for quantized kernels
-  (one matmul on `dequantize(W) + delta`, PEFT's choice where it can merge); not built yet.
-  Bytes: SHiRA's adapter stores int32 indices next to its fp32 values, 3x a LoRA of the same
-  parameter count, so int8 + SHiRA is 1.06x the bf16 weights (nf4 + SHiRA 0.83x) against qwix
-  QLoRA's 0.69x (0.47x)."""
+  side of it (every call at or below 0.15 was faster sparse, bar one noisy row)."""
 
 
 def with_mode(model: nnx.Module, targets: Sequence[str], r: int, mode: str, name: str = "default"):
@@ -189,68 +182,6 @@ def mixed_batch(config, layers, targets, batch, reps, r=R) -> list[Figure]:
     return [fig]
 
 
-# ----------------------------------------------------------------------------- quantized
-
-
-def _bytes(tree: Any) -> int:
-    total = 0
-    for leaf in jax.tree.leaves(tree):
-        dtype = jnp.dtype(leaf.dtype)
-        bits = jnp.iinfo(dtype).bits if jnp.issubdtype(dtype, jnp.integer) else dtype.itemsize * 8
-        total += int(np.prod(leaf.shape)) * bits // 8
-    return total
-
-
-def quantized(
-    config, layers, targets, batch, reps, r=R, qtypes=("int8", "nf4")
-) -> tuple[list[Figure], list[str]]:
-    import qwix
-
-    ids = jax.random.randint(jax.random.key(3), batch, 0, config["vocab_size"], dtype=jnp.int32)
-    base = jax_llama(config, layers)
-    pattern = ".*(" + "|".join(targets) + ")"
-    n_weights = sum(
-        int(np.prod(m.kernel.shape)) for p, m in sj.model.named_modules(base)
-        if isinstance(m, nnx.Linear) and p.rsplit(".", 1)[-1] in targets
-    )
-    steps = {"float SHiRA": JaxStep(with_mode(own_copy(base), targets, r, "patched"), ids,
-                                    sj.ShiraParam)}
-    figs, notes = [], []
-    for qtype in qtypes:
-        extra = {"tile_size": 64} if qtype == "nf4" else {}
-        rule = qwix.QuantizationRule(module_path=pattern, weight_qtype=qtype, **extra)
-        qmodel = qwix.quantize_model(own_copy(base), qwix.PtqProvider([rule]), ids)
-        with_mode(qmodel, targets, r, "sparse")
-        steps[f"{qtype} QSHiRA"] = JaxStep(qmodel, ids, sj.ShiraParam)
-        lora_rule = qwix.LoraRule(module_path=pattern, rank=r, alpha=float(r),
-                                  weight_qtype=qtype, **extra)
-        qlora = qwix.apply_lora_to_model(own_copy(base), qwix.LoraProvider([lora_rule]), ids)
-        steps[f"{qtype} qwix QLoRA"] = JaxStep(qlora, ids, nnx.LoRAParam)
-        quant_state = [
-            m.base_layer.kernel.array for _, m in sj.shira_layers(qmodel)
-        ]
-        adapter = nnx.state(qmodel, nnx.Any(sj.ShiraParam, sj.ShiraIndices))
-        lora = nnx.state(qlora, nnx.LoRAParam)
-        w, a, lo = _bytes(quant_state), _bytes(adapter), _bytes(lora)
-        bf16 = 2 * n_weights
-        figs.append(Figure(f"{qtype} base + SHiRA adapter bytes / bf16 base ({_tag(targets)})",
-                           (w + a) / bf16, (w + a) / 2**20, bf16 / 2**20, "MiB",
-                           note=f"adapter {a / 2**20:.2f} MiB (fp32 values + int32 indices)"))
-        figs.append(Figure(f"{qtype} base + qwix QLoRA bytes / bf16 base ({_tag(targets)})",
-                           (w + lo) / bf16, (w + lo) / 2**20, bf16 / 2**20, "MiB",
-                           note=f"adapter {lo / 2**20:.2f} MiB (fp32 A, B)"))
-    times = paired(steps, reps=reps, warmup=1)
-    for qtype in qtypes:
-        figs.append(ratio_figure(f"train step {qtype} QSHiRA / float-base SHiRA", times,
-                                 f"{qtype} QSHiRA", "float SHiRA"))
-        figs.append(ratio_figure(f"train step {qtype} qwix QLoRA / float-base SHiRA", times,
-                                 f"{qtype} qwix QLoRA", "float SHiRA"))
-    notes.append(f"quantized: {layers} layers, {_tag(targets)}, batch {batch[0]} x {batch[1]}; "
-                 "the float base is fp32 (XLA CPU emulates bf16 matmuls, so a bf16 base would "
-                 "not be a fair time baseline here); bytes count the targeted weights only.")
-    return figs, notes
-
-
 def _tag(targets: Sequence[str]) -> str:
     return "q+v" if tuple(targets) == QV else "all-linear"
 
@@ -260,17 +191,17 @@ def _tag(targets: Sequence[str]) -> str:
 
 def run(quick: bool = False) -> Section:
     section = Section(
-        "6. The sparse path: delta modes, mixed-adapter batches, quantized bases (r=32)",
+        "6. The sparse path: delta modes and mixed-adapter batches (r=32)",
         "python -m benchmarks.run --only sparse_modes" + (" --quick" if quick else ""),
     )
     t0 = time.perf_counter()
     if quick:
         cfg, layers, batch, reps, r = TINY_LLAMA, 1, (2, 16), 1, 4
-        shapes, ranks, tokens, target_sets, qtypes = [(64, 64)], [4], [1], [QV], ("int8",)
+        shapes, ranks, tokens, target_sets = [(64, 64)], [4], [1], [QV]
     else:
         cfg, layers, batch, reps, r = SMOLLM2, 4, (2, 256), 5, R
         shapes, ranks, tokens = [(576, 576), (576, 1536)], [32, 4], [1, 4, 16, 64]
-        target_sets, qtypes = [QV, ALL_LINEAR], ("int8", "nf4")
+        target_sets = [QV, ALL_LINEAR]
     figs, table = crossover(shapes, ranks, tokens, reps=3 if quick else 7)
     notes: list[str] = []
     for targets in target_sets:
@@ -278,9 +209,6 @@ def run(quick: bool = False) -> Section:
         figs += f
         notes += n
     figs += mixed_batch(cfg, layers, QV, (8, 16 if quick else 64), reps, r)
-    f, n = quantized(cfg, layers, ALL_LINEAR, batch, reps, r, qtypes)
-    figs += f
-    notes += n
     section.figures = figs
     section.text = "\n".join(
         ["Crossover, one layer's forward (medians):", "", *table, "",

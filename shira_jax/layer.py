@@ -95,7 +95,7 @@ class ShiraDense(nnx.Module):
         # the module's forward as an einsum: routes the sparse product (kernels.SparseRoute)
         self.sparse_einsum = view.einsum
         self.sparse_unsupported = kernels.sparse_refusal(view)  # "": delta_mode="sparse" runs
-        self.quantized = view.quantized  # a qwix kernel: always the sparse product, no merge
+        self.quantized = view.quantized  # a qwix kernel: base matmul + delta product, no merge
         self.shira_weight = nnx.Dict()
         self.shira_indices = nnx.Dict()
         self.merge_backup = nnx.Dict()
@@ -343,7 +343,10 @@ class ShiraDense(nnx.Module):
             out = self.base_layer(inputs, *args, **kwargs)
         rows = inputs if route is None else route.rows(inputs)  # [*tokens, in]
         for a in sparse:
-            delta = ops.sparse_product(
+            product = ops.sparse_product
+            if self.quantized and self._dense_delta_call(a, tokens):
+                product = ops.dense_delta_product
+            delta = product(
                 rows, self.shira_indices[a][...], self.shira_weight[a][...],
                 self.out_features, self.scaling[a],
             )
@@ -373,6 +376,19 @@ class ShiraDense(nnx.Module):
         nnz = int(self.shira_indices[adapter].shape[-1])
         sparse = ops.prefer_sparse(tokens, nnz, self.in_features, self.out_features)
         return "sparse" if sparse else "patched"
+
+    def _dense_delta_call(self, adapter: str, tokens: int) -> bool:
+        """On a quantized kernel, whether this call multiplies by the dense delta instead of
+        running the sparse product: for `delta_mode` "patched" (the default) and for "auto" at
+        training-sized calls, where the sparse product's gathers cost far more than one more
+        matmul (BENCHMARKS.md section 6). "sparse" always takes the sparse product."""
+        mode = self.delta_mode.get(adapter, "patched")
+        if mode == "sparse":
+            return False
+        nnz = int(self.shira_indices[adapter].shape[-1])
+        return mode == "patched" or not ops.prefer_sparse(
+            tokens, nnz, self.in_features, self.out_features
+        )
 
     def _patched_forward(
         self, live: tuple[str, ...], inputs: jax.Array, *args: Any, **kwargs: Any

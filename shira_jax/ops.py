@@ -717,6 +717,34 @@ def sparse_product(
     return _sparse_product(x, indices, values, scale, int(n_out))
 
 
+def dense_delta_product(
+    x: jax.Array, indices: jax.Array, values: jax.Array, n_out: int, scale: Any = 1.0
+) -> jax.Array:
+    """`x @ S` like `sparse_product`, computed as one matmul with the dense delta, in fp32.
+
+    For calls with many tokens, where `sparse_product`'s gathers cost more than a matmul
+    (quantized kernels, whose patched kernel cannot be formed, use it while training). The
+    delta `[in, out]` is rebuilt in the backward pass (`jax.checkpoint`), so no layer keeps
+    one alive between the passes; the values' gradient is `x^T g` at the indices.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from shira_jax import ops
+        >>> idx = jnp.array([[0, 1], [2, 0]], jnp.int32)
+        >>> x = jnp.array([[1.0, 2.0]])
+        >>> ops.dense_delta_product(x, idx, jnp.array([3.0, 4.0]), n_out=3).tolist()
+        [[8.0, 0.0, 3.0]]
+    """
+    scale = jnp.asarray(scale, jnp.float32)
+    return _dense_delta_product(x, indices, values, scale, int(n_out))
+
+
+@functools.partial(jax.checkpoint, static_argnums=(4,))
+def _dense_delta_product(x, indices, values, scale, n_out):  # noqa: ANN001, ANN202
+    delta = dense_delta((x.shape[-1], n_out), indices, values.astype(jnp.float32), scale)
+    return x.astype(jnp.float32) @ delta
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _sparse_product(x, indices, values, scale, n_out):  # noqa: ANN001, ANN202
     picked = jnp.take(x, indices[0], axis=-1).astype(jnp.float32)  # [..., nnz]

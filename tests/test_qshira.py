@@ -83,6 +83,45 @@ def test_quantized_base_plus_sparse_delta(qtype):
     assert not np.array_equal(model.up.shira_weight["default"][...], values)
 
 
+def test_dense_delta_route_equals_the_sparse_product(monkeypatch):
+    """A quantized kernel can't be patched; "patched" (the default) and training-sized "auto"
+    calls multiply by the dense delta instead of running the sparse product. Both compute the
+    same sums of the same products (fp32, in another order): outputs and gradients agree to
+    1e-5 relative."""
+    x = jax.random.normal(jax.random.key(1), (64, 16))
+    results = {}
+    for mode in ("patched", "sparse", "auto"):
+        model = quantized("int8")
+        sj.apply_shira(model, cfg(delta_mode=mode))
+
+        def loss(m):
+            return jnp.mean(m(x) ** 2)
+
+        value, grads = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+        results[mode] = (model(x), [np.asarray(g) for g in jax.tree.leaves(grads)])
+    for mode in ("sparse", "auto"):
+        np.testing.assert_allclose(results[mode][0], results["patched"][0], rtol=1e-5, atol=1e-6)
+        for a, b in zip(results[mode][1], results["patched"][1]):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+    # which route a call takes: count the calls of each product
+    calls = []
+    from shira_jax import ops
+
+    for name in ("sparse_product", "dense_delta_product"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(
+            ops, name, lambda *a, _r=real, _n=name, **k: (calls.append(_n), _r(*a, **k))[1]
+        )
+    model = quantized("int8")
+    sj.apply_shira(model, sj.ShiraConfig(r=1, target_modules=["up", "down"], delta_mode="auto"))
+    model(X[:1])  # one token: tokens * nnz = 48 <= 0.15 * in * out = 76.8 -> sparse product
+    assert set(calls) == {"sparse_product"}
+    calls.clear()
+    model(x)  # 64 tokens -> the dense delta
+    assert set(calls) == {"dense_delta_product"}
+
+
 def test_merge_and_calibrated_masks_are_refused_on_quantized_kernels():
     model = quantized("int8")
     with pytest.raises(ValueError, match="quantized kernels; mask_type='weight_magnitude'"):
