@@ -309,6 +309,16 @@ def _axes_view(
     )
 
 
+def _einsum_parts(spec: str) -> tuple[str, str, str]:
+    """`(input, weight, output)` subscripts of `"input,weight->output"` (spaces dropped)."""
+    try:
+        operands, out = spec.replace(" ", "").split("->")
+        x, w = operands.split(",")
+    except ValueError:
+        raise ValueError(f"einsum {spec!r}: need exactly 'input,weight->output'.") from None
+    return x, w, out
+
+
 def einsum_axes(spec: str, ndim: int) -> tuple[tuple[int, ...], ...]:
     """`(in_axes, out_axes, stack_axes, other)` of the weight in `"x,w->y"` (w second).
 
@@ -317,12 +327,7 @@ def einsum_axes(spec: str, ndim: int) -> tuple[tuple[int, ...], ...]:
     >>> einsum_axes("BSD,CKDH->CBSKH", 4)
     ((2,), (0, 1, 3), (), ())
     """
-    text = spec.replace(" ", "")
-    try:
-        operands, out = text.split("->")
-        x, w = operands.split(",")
-    except ValueError:
-        raise ValueError(f"einsum {spec!r}: need exactly 'input,weight->output'.") from None
+    x, w, out = _einsum_parts(spec)
     x, out = x.replace("...", ""), out.replace("...", "")
     if "..." in w or len(w) != ndim or len(set(w)) != ndim:
         raise ValueError(f"einsum {spec!r}: the weight part {w!r} must name its {ndim} axes once.")
@@ -392,12 +397,7 @@ def sparse_route(spec: str, layout: KernelLayout) -> SparseRoute:
     are not the input's uncontracted axes plus the kernel's output axes (batch axes shared by
     input, kernel and output are refused earlier, by `kernel_view`).
     """
-    text = spec.replace(" ", "")
-    try:
-        operands, out = text.split("->")
-        x, w = operands.split(",")
-    except ValueError:
-        raise ValueError(f"einsum {spec!r}: need exactly 'input,weight->output'.") from None
+    x, w, out = _einsum_parts(spec)
     letters, out_letters = x.replace("...", ""), out.replace("...", "")
     if len(set(letters)) != len(letters) or len(w) != len(layout.shape):
         raise ValueError(
