@@ -7,21 +7,22 @@ decay, 10% warmup, cosine decay, clipping at 1) and the same data order for a se
 
 1. **Learning-rate sweep** on q+v, one per method (LoRA via `nnx.LoRA`, and SHiRA with the
    random, weight-magnitude, gradient, SNIP and struct masks). A best rate on the edge of the
-   grid gets one more rate beyond it, so every chosen rate is bracketed.
+   grid gets up to two more rates beyond it; a rate still on the edge is flagged in the report.
 2. **Main runs** on q+v: every method at its best rate for `--steps` steps.
 3. **Seeds**: the best methods (always LoRA and the best SHiRA mask) again with more seeds
    (seed = data order, random mask and LoRA init), for mean and spread.
-4. **All linear layers**: LoRA and the best SHiRA masks of step 2 at the same rates.
+4. **All linear layers**: LoRA and the best SHiRA masks of step 2, at their q+v rates.
 5. **Fusion**: adapters trained on task B next to the task-A adapters of step 2, used at once
    (SHiRA: the sum of sparse deltas; LoRA: `W + A1 B1 + A2 B2`), for the best SHiRA mask, a
    non-overlapping SHiRA pair (`exclude_adapters`) and LoRA; plus AWOM / AWOR.
 
-It writes QUALITY.md (tables, plots, command, machine, wall time) and `results.json` + PNGs in
-`benchmarks/quality_figures/`. Usage:
+It writes `results.json` (every run) and, rendered from it alone, QUALITY.md (tables, plots,
+command, machine, wall time) and PNGs in `benchmarks/quality_figures/`. Usage:
 
     python -m benchmarks.quality                      # the study (about an hour on 2 cores)
     python -m benchmarks.quality --quick              # a few minutes, same code paths
     python -m benchmarks.quality --quick --size tiny --out DIR   # seconds (the test suite)
+    python -m benchmarks.quality --report benchmarks/quality_figures/results.json  # re-render
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -294,7 +296,8 @@ class Study:
         return best
 
     def _sweep_run(self, method: str, lr: float) -> float:
-        return self.run("sweep", method, QV, lr, 0, self.p.sweep_steps)[0]["eval_a"]
+        loss = self.run("sweep", method, QV, lr, 0, self.p.sweep_steps)[0]["eval_a"]
+        return loss if math.isfinite(loss) else math.inf  # a diverged rate never wins
 
     def study(self) -> dict[str, Any]:
         p = self.p
@@ -303,7 +306,7 @@ class Study:
         for method in METHODS:
             main[method], models[method] = self.run("main", method, QV, best_lr[method], 0,
                                                     p.steps)
-        ranked = sorted(METHODS, key=lambda m: main[m]["eval_a"])
+        ranked = sorted(METHODS, key=lambda m: np.nan_to_num(main[m]["eval_a"], nan=np.inf))
         shira_ranked = [m for m in ranked if m != "LoRA"]
         seeded = list(dict.fromkeys([*ranked[: p.seeded_methods], "LoRA", shira_ranked[0]]))
         for method in seeded:
@@ -372,30 +375,41 @@ def _overlap(model: nnx.Module, a: str, b: str) -> float:
 
 
 # ----------------------------------------------------------------------------- report
+# Everything below reads only the saved payload (`results.json`), so a report can be rendered
+# again from a finished run (`--report`).
 
 
-def seed_stats(runs: list[dict[str, Any]], method: str, targets: str = "q+v") -> dict[str, Any]:
-    """Held-out loss on task A of `method`'s main + seed runs: mean, std (n-1), min, max, n."""
-    vals = [r["eval_a"] for r in runs if r["stage"] in ("main", "seeds") and
-            r["method"] == method and r["targets"] == targets]
+def fmt_lr(lr: float) -> str:
+    return f"{lr:.2g}"
+
+
+def _scored(runs: list[dict[str, Any]], method: str, seeds: Sequence[int] | None = None,
+            targets: str = "q+v") -> dict[int, float]:
+    """seed -> held-out loss on task A of `method`'s main and seed runs."""
+    return {r["seed"]: r["eval_a"] for r in runs if r["stage"] in ("main", "seeds")
+            and r["method"] == method and r["targets"] == targets
+            and (seeds is None or r["seed"] in seeds)}
+
+
+def seed_stats(runs: list[dict[str, Any]], method: str, seeds: Sequence[int] | None = None
+               ) -> dict[str, Any]:
+    """Held-out loss (task A, q+v) over seeds: mean, std (n-1; 0 for one seed), min, max, n."""
+    vals = list(_scored(runs, method, seeds).values())
     arr = np.asarray(vals)
     return dict(mean=float(arr.mean()), std=float(arr.std(ddof=1)) if len(arr) > 1 else 0.0,
                 min=float(arr.min()), max=float(arr.max()), n=len(arr), values=vals)
 
 
-def paired_gap(runs: list[dict[str, Any]], a: str, b: str) -> dict[str, Any] | None:
+def paired_gap(runs: list[dict[str, Any]], a: str, b: str, seeds: Sequence[int] | None = None
+               ) -> dict[str, Any] | None:
     """Loss of `a` minus loss of `b` per seed (same data order), over the seeds both ran."""
-    def by_seed(m: str) -> dict[int, float]:
-        return {r["seed"]: r["eval_a"] for r in runs
-                if r["stage"] in ("main", "seeds") and r["method"] == m and r["targets"] == "q+v"}
-
-    sa, sb = by_seed(a), by_seed(b)
+    sa, sb = _scored(runs, a, seeds), _scored(runs, b, seeds)
     common = sorted(set(sa) & set(sb))
     if not common:
         return None
     d = np.asarray([sa[s] - sb[s] for s in common])
     return dict(mean=float(d.mean()), std=float(d.std(ddof=1)) if len(d) > 1 else 0.0,
-                n=len(d), all_same_sign=bool(np.all(d > 0) or np.all(d < 0)))
+                n=len(d), seeds=common, all_same_sign=bool(np.all(d > 0) or np.all(d < 0)))
 
 
 def smooth(curve: Sequence[float], k: int) -> np.ndarray:
@@ -403,38 +417,47 @@ def smooth(curve: Sequence[float], k: int) -> np.ndarray:
     return np.convolve(np.asarray(curve), np.ones(k) / k, mode="valid")
 
 
-def plots(study: Study, res: dict[str, Any], folder: Path) -> dict[str, str]:
-    """The PNGs: main (held-out loss per method, mean and spread), lr (sweep), curves, fusion."""
+def mean_drop(f: dict[str, Any]) -> float:
+    """Loss increase of the fused pair over each adapter alone, averaged over both tasks."""
+    return (f["drop_a"] + f["drop_b"]) / 2
+
+
+def best_shira(res: dict[str, Any]) -> str:
+    return next(m for m in res["ranked"] if m != "LoRA")
+
+
+def plots(res: dict[str, Any], folder: Path) -> dict[str, str]:
+    """The PNGs: main (held-out loss per method, seeds as dots), lr (sweeps), curves, fusion."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)
-    runs, files = study.runs, {}
+    runs, p, base = res["runs"], res["protocol"], res["base"]
+    files: dict[str, str] = {}
     colors = dict(zip(METHODS, plt.get_cmap("tab10").colors))
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.4))
-    for ax, targets in zip(axes, ("q+v", "all-linear")):
+    for ax, (targets, title) in zip(axes, (
+            ("q+v", "q+v: each method at its best rate (dots: seeds)"),
+            ("all-linear", "all linear layers: at the q+v rates, one seed"))):
         done = [m for m in METHODS if any(r["method"] == m and r["targets"] == targets and
                                           r["stage"] in ("main", "seeds", "all") for r in runs)]
         vals = [[r["eval_a"] for r in runs if r["method"] == m and r["targets"] == targets
                  and r["stage"] in ("main", "seeds", "all")] for m in done]
-        means = [float(np.mean(v)) for v in vals]
         xs = np.arange(len(done))
-        ax.bar(xs, means, color=[colors[m] for m in done], alpha=0.8)
+        ax.bar(xs, [float(np.mean(v)) for v in vals], color=[colors[m] for m in done], alpha=0.8)
         for x, v in zip(xs, vals):
             ax.scatter([x] * len(v), v, color="k", s=12, zorder=3)
-            ax.text(x, max(v), f"{np.mean(v):.3f}" + (f"\n±{np.std(v, ddof=1):.3f}"
-                                                        if len(v) > 1 else ""),
-                    ha="center", va="bottom", fontsize=8)
-        ax.axhline(study.base_a, color="k", ls="--", lw=1, label=f"base {study.base_a:.3f}")
-        lo = min(min(v) for v in vals)
-        hi = max(max(v) for v in vals)
+            label = f"{np.mean(v):.3f}" + (f"\n±{np.std(v, ddof=1):.3f}" if len(v) > 1 else "")
+            ax.text(x, max(v), label, ha="center", va="bottom", fontsize=8)
+        ax.axhline(base["a"], color="k", ls="--", lw=1, label=f"base model {base['a']:.3f}")
+        lo, hi = min(min(v) for v in vals), max(max(v) for v in vals)
         ax.set_ylim(lo - 0.4 * (hi - lo) - 1e-3, hi + 0.45 * (hi - lo) + 1e-3)
         ax.set_xticks(xs, [pretty(m).replace("SHiRA-", "SHiRA\n") for m in done], fontsize=8)
         ax.set_ylabel("held-out loss, task A (nats/token)")
-        ax.set_title(f"{targets}: {study.p.steps} steps at each method's best rate (dots: seeds)")
+        ax.set_title(f"{title}, {p['steps']} steps", fontsize=10)
         ax.legend(loc="upper right", fontsize=8)
     plt.tight_layout()
     files["main"] = _save(fig, folder / "main.png")
@@ -446,15 +469,17 @@ def plots(study: Study, res: dict[str, Any], folder: Path) -> dict[str, str]:
         ax.plot(*zip(*pts), "o-", label=pretty(m), color=colors[m])
     ax.set_xscale("log")
     ax.set_xlabel("peak learning rate")
-    ax.set_ylabel(f"held-out loss after {study.p.sweep_steps} steps")
+    ax.set_ylabel(f"held-out loss after {p['sweep_steps']} steps")
     ax.set_title("Learning-rate sweep (q+v, seed 0)")
+    finite = [r["eval_a"] for r in runs if r["stage"] == "sweep" and math.isfinite(r["eval_a"])]
+    ax.set_ylim(min(finite) - 0.05, min(max(finite), base["a"] + 0.5) + 0.05)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     plt.tight_layout()
     files["lr"] = _save(fig, folder / "lr_sweep.png")
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
-    k = max(1, study.p.steps // 12)
+    k = max(1, p["steps"] // 12)
     for ax, (stage, targets) in zip(axes, (("main", "q+v"), ("all", "all-linear"))):
         for r in runs:
             if r["stage"] == stage and r["seed"] == 0:
@@ -472,14 +497,14 @@ def plots(study: Study, res: dict[str, Any], folder: Path) -> dict[str, str]:
     fus = res["fusion"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     xs = np.arange(len(fus))
-    for ax, t, base, title in ((axes[0], 0, study.base_a, "Task A (Shakespeare)"),
-                               (axes[1], 1, study.base_b, "Task B (Python)")):
+    for ax, t, b, title in ((axes[0], 0, base["a"], "Task A (Shakespeare)"),
+                            (axes[1], 1, base["b"], "Task B (Python)")):
         alone = [f["a_alone" if t == 0 else "b_alone"][t] for f in fus]
         fused = [f["fused"][t] for f in fus]
         ax.bar(xs - 0.19, alone, 0.38, label="its adapter alone")
         ax.bar(xs + 0.19, fused, 0.38, label="both adapters at once")
-        ax.axhline(base, color="k", ls="--", lw=1, label=f"base {base:.3f}")
-        lo, hi = min(alone + fused + [base]), max(alone + fused + [base])
+        ax.axhline(b, color="k", ls="--", lw=1, label=f"base model {b:.3f}")
+        lo, hi = min(alone + fused + [b]), max(alone + fused + [b])
         ax.set_ylim(lo - 0.3 * (hi - lo) - 1e-3, hi + 0.2 * (hi - lo) + 1e-3)
         ax.set_xticks(xs, [f["label"].replace(" ", "\n", 1) for f in fus], fontsize=8)
         ax.set_ylabel("held-out loss")
@@ -498,64 +523,38 @@ def _save(fig: Any, path: Path) -> str:
     return path.name
 
 
-def report(study: Study, res: dict[str, Any], files: dict[str, str], command: str,
-           rel: str) -> str:
-    """QUALITY.md's text; every number comes from `study.runs` / `res`."""
-    p, runs = study.p, study.runs
-    lines = ["# SHiRA vs LoRA at equal size: a study on the embedded model", ""]
-    lines += [f"Command: `{command}` (wall time {study.elapsed() / 60:.1f} min). "
-              "Every number below comes from that one run (`results.json` next to the plots).", ""]
-    info = machine_info()
-    lines += ["Machine: " + "; ".join(f"{k} {v}" for k, v in info.items()), ""]
-    model = "SmolLM2-135M (embedded weights)" if p.size == "full" else "a tiny random Llama"
-    lines += [
-        f"Setup: {model}; rank budget r={p.rank} (every method trains exactly "
-        f"`r * (in + out)` values per adapted layer); windows of {p.seq_len} tokens, batch "
-        f"{p.batch}; AdamW (b1 0.9, b2 0.999, no weight decay), 10% warmup then cosine decay, "
-        f"gradient clipping at 1; task A held-out set: {len(study.eval_a)} windows from the end "
-        f"of each of {p.n_plays} plays, task B: {len(study.eval_b)} windows from the end of "
-        f"the Python sources. Base model held-out loss: task A **{study.base_a:.4f}**, task B "
-        f"**{study.base_b:.4f}** nats/token.",
-        "",
-        "## 1. Learning rates (q+v, seed 0, "
-        f"{p.sweep_steps} steps)",
-        "",
-        f"![learning-rate sweep]({rel}/{files['lr']})",
-        "",
-    ]
+def _sweep_table(res: dict[str, Any]) -> list[str]:
+    runs = res["runs"]
     lrs = sorted({r["lr"] for r in runs if r["stage"] == "sweep"})
-    lines += ["| method | " + " | ".join(f"lr {x:.0e}" for x in lrs) + " | best |",
-              "| --- | " + " | ".join("---" for _ in lrs) + " | --- |"]
+    lines = ["| method | " + " | ".join(f"lr {fmt_lr(x)}" for x in lrs) + " | best |",
+             "| --- | " + " | ".join("---" for _ in lrs) + " | --- |"]
     for m in METHODS:
         got = {r["lr"]: r["eval_a"] for r in runs if r["stage"] == "sweep" and r["method"] == m}
-        cells = [("**%.4f**" if x == res["best_lr"][m] else "%.4f") % got[x] if x in got else ""
-                 for x in lrs]
-        lines.append(f"| {pretty(m)} | " + " | ".join(cells) + f" | {res['best_lr'][m]:.0e} |")
-    lines += ["", f"## 2. Held-out loss after {p.steps} steps at the best rate (task A)", "",
-              f"![main result]({rel}/{files['main']})", "",
-              "| method | targets | lr | trainable values | seed 0 | mean ± std over seeds "
-              "| min – max | seeds |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        best = res["best_lr"][m]
+        cells = [("**%.4f**" if x == best else "%.4f") % got[x] if x in got else "" for x in lrs]
+        edge = " (edge of its sweep)" if best in (min(got), max(got)) else ""
+        lines.append(f"| {pretty(m)} | " + " | ".join(cells) + f" | {fmt_lr(best)}{edge} |")
+    return lines
+
+
+def _results_table(res: dict[str, Any]) -> list[str]:
+    runs = res["runs"]
+    lines = ["| method | targets | lr | trainable values | seed 0 | mean ± std over seeds "
+             "| min – max | seeds |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for targets, stage in (("q+v", "main"), ("all-linear", "all")):
         for r in sorted((r for r in runs if r["stage"] == stage), key=lambda r: r["eval_a"]):
             s = seed_stats(runs, r["method"]) if targets == "q+v" else None
             spread = (f"{s['mean']:.4f} ± {s['std']:.4f}", f"{s['min']:.4f} – {s['max']:.4f}",
                       str(s["n"])) if s and s["n"] > 1 else ("", "", "1")
-            lines.append(f"| {pretty(r['method'])} | {targets} | {r['lr']:.0e} | "
+            lines.append(f"| {pretty(r['method'])} | {targets} | {fmt_lr(r['lr'])} | "
                          f"{r['params']:,} | {r['eval_a']:.4f} | " + " | ".join(spread) + " |")
-    best_shira = next(m for m in res["ranked"] if m != "LoRA")
-    gap = paired_gap(runs, best_shira, "LoRA")
-    lines += [""]
-    if gap:
-        lines += [f"Paired by seed (same data order), {pretty(best_shira)} minus LoRA: "
-                  f"**{gap['mean']:+.4f} ± {gap['std']:.4f}** nats over {gap['n']} seeds "
-                  f"({SIGN[gap['all_same_sign']]}).",
-                  ""]
-    lines += [f"![training curves]({rel}/{files['curves']})", "",
-              f"## 3. Fusion: a task-B adapter next to the task-A adapter ({p.fusion_steps} "
-              "steps on task B, q+v)", "", f"![fusion]({rel}/{files['fusion']})", "",
-              "| pair | shared entries | task A: A alone | fused | change | task B: B alone "
-              "| fused | change | A's gain kept | B's gain kept | AWOM | AWOR |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    return lines
+
+
+def _fusion_table(res: dict[str, Any]) -> list[str]:
+    lines = ["| pair | shared entries | task A: A alone | fused | change | task B: B alone "
+             "| fused | change | A's gain kept | B's gain kept | AWOM | AWOR |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for f in res["fusion"]:
         ov = "" if f["overlap"] is None else f"{100 * f['overlap']:.0f}%"
         lines.append(
@@ -563,50 +562,132 @@ def report(study: Study, res: dict[str, Any], files: dict[str, str], command: st
             f"{f['drop_a']:+.4f} | {f['b_alone'][1]:.4f} | {f['fused'][1]:.4f} | "
             f"{f['drop_b']:+.4f} | {100 * f['kept_a']:.0f}% | {100 * f['kept_b']:.0f}% | "
             f"{f['awom']:.4g} | {f['awor']:.3f} |")
-    lines += ["", "AWOM `‖ΔW₁ᵀΔW₂‖₂` (lower: more orthogonal) and AWOR `1 − nnz(ΔW₁ᵀΔW₂)/size` "
-              "(higher: more orthogonal) are means over the adapted layers.", ""]
-    lines += ["## Verdict", "", verdict(study, res), ""]
+    return lines
+
+
+def report(res: dict[str, Any], files: dict[str, str], rel: str) -> str:
+    """QUALITY.md's text; every number comes from the payload `res` (results.json)."""
+    p, runs, base = res["protocol"], res["runs"], res["base"]
+    windows = res.get("eval_windows", {"a": p["n_eval"], "b": p["n_eval"]})
+    lines = ["# SHiRA vs LoRA at equal size: a study on the embedded model", ""]
+    lines += [f"Command: `{res['command']}` (wall time {res['seconds'] / 60:.1f} min). Every "
+              f"number below comes from that one run: `{rel}/results.json` holds every run, and "
+              "this page and its plots are rendered from it alone (`python -m "
+              f"benchmarks.quality --report {rel}/results.json` renders them again).", ""]
+    machine = res.get("machine") or {}
+    lines += ["Machine: " + "; ".join(f"{k} {v}" for k, v in machine.items()), ""]
+    model = "SmolLM2-135M (embedded weights)" if p["size"] == "full" else "a tiny random Llama"
+    lines += [
+        f"Setup: {model}; rank budget r={p['rank']} (every method trains exactly "
+        f"`r * (in + out)` values per adapted layer); windows of {p['seq_len']} tokens, batch "
+        f"{p['batch']}; AdamW (b1 0.9, b2 0.999, no weight decay), 10% warmup then cosine decay, "
+        f"gradient clipping at 1. Task A: the Shakespeare plays, held-out loss on "
+        f"{windows['a']} windows from the end of each of {p['n_plays']} plays; task B: Python's "
+        f"standard library, {windows['b']} windows from the end. Base model held-out loss: "
+        f"task A **{base['a']:.4f}**, task B **{base['b']:.4f}** nats/token. A seed sets the "
+        "data order, the random mask and LoRA's initialisation.",
+        "",
+        f"## 1. Learning rates (q+v, seed 0, {p['sweep_steps']} steps)",
+        "",
+        f"![learning-rate sweep]({rel}/{files['lr']})",
+        "",
+        *_sweep_table(res),
+        "",
+        f"## 2. Held-out loss after {p['steps']} steps (task A)",
+        "",
+        "q+v at each method's best rate; all linear layers at the same rates (not swept again), "
+        "one seed.",
+        "",
+        f"![main result]({rel}/{files['main']})",
+        "",
+        *_results_table(res),
+        "",
+    ]
+    best = best_shira(res)
+    for seeds, what in ((None, "all seeds"),
+                        ([s for s in range(1, p["seeds"])], "seeds 1+ only (seed 0 chose the "
+                         "mask, which favours the best mask there)")):
+        gap = paired_gap(runs, best, "LoRA", seeds)
+        if gap:
+            lines.append(f"- {pretty(best)} minus LoRA, paired by seed, {what}: "
+                         f"**{gap['mean']:+.4f} ± {gap['std']:.4f}** nats over {gap['n']} "
+                         f"seed(s) ({SIGN[gap['all_same_sign']]}).")
+    lines += ["", f"![training curves]({rel}/{files['curves']})", "",
+              f"## 3. Fusion: a task-B adapter next to the task-A adapter ({p['fusion_steps']} "
+              "steps on task B, q+v, one seed)", "", f"![fusion]({rel}/{files['fusion']})", "",
+              *_fusion_table(res), "",
+              "\"Gain kept\" is the share of an adapter's improvement over the base model that "
+              "remains when both adapters are active. AWOM `‖ΔW₁ᵀΔW₂‖₂` (lower: more "
+              "orthogonal) and AWOR `1 − nnz(ΔW₁ᵀΔW₂)/size` (higher: more orthogonal) are means "
+              "over the adapted layers; AWOM also grows with the size of the deltas, so compare "
+              "it between pairs of one method, not across methods.", "",
+              "## Limits", "",
+              "- One held-out set per task both picked the learning rates and the masks "
+              "(seed 0) and reports the losses; the seeds after 0 are free of the mask choice "
+              "but not of the rate choice.",
+              f"- {p['steps']} steps of {p['batch']} x {p['seq_len']} tokens on {model}: "
+              "the adapters have seen little data. The paper's gaps come from 7B models trained "
+              "for epochs; more steps, longer windows or a larger model could change the order.",
+              "- All-linear runs and fusion have one seed each.", "",
+              "## Verdict", "", verdict(res), ""]
     return "\n".join(lines)
 
 
-def verdict(study: Study, res: dict[str, Any]) -> str:
+def verdict(res: dict[str, Any]) -> str:
     """One paragraph, written from the numbers (whichever way they fall)."""
-    runs = study.runs
-    best_shira = next(m for m in res["ranked"] if m != "LoRA")
-    s, lo = seed_stats(runs, best_shira), seed_stats(runs, "LoRA")
-    gap = paired_gap(runs, best_shira, "LoRA")
-    if gap and gap["n"] > 1 and gap["all_same_sign"] and abs(gap["mean"]) > 2 * gap["std"]:
-        who = "SHiRA" if gap["mean"] < 0 else "LoRA"
-        call = f"{who} is ahead, by more than twice the seed-to-seed spread of the gap"
+    runs, p = res["runs"], res["protocol"]
+    best = best_shira(res)
+    s, lo = seed_stats(runs, best), seed_stats(runs, "LoRA")
+    fresh = paired_gap(runs, best, "LoRA", list(range(1, p["seeds"])))
+    every = paired_gap(runs, best, "LoRA")
+    if every is None or every["n"] < 3 or fresh is None:
+        call = (f"with {every['n'] if every else 0} paired seed(s) the gap's spread is not "
+                "known well enough to name a winner")
+    elif every["all_same_sign"] and fresh["all_same_sign"] and \
+            abs(every["mean"]) > 2 * every["std"]:
+        who = "SHiRA" if every["mean"] < 0 else "LoRA"
+        call = (f"{who} is ahead on every seed, by {abs(every['mean']):.4f} nats (more than "
+                "twice the seed-to-seed spread of the gap), also on the seeds that did not "
+                "choose the mask")
     else:
-        call = "the two are within the seed-to-seed spread: no winner at this size"
+        call = "the gap is within its seed-to-seed spread: no winner at this size"
     fus = {f["label"]: f for f in res["fusion"]}
-    lora_f = fus["LoRA pair"]
-    shira_f = [f for k, f in fus.items() if k != "LoRA pair"]
-    mean_drop = lambda f: (f["drop_a"] + f["drop_b"]) / 2  # noqa: E731
-    best_f = min(shira_f, key=mean_drop)
+    lora_f = fus.pop("LoRA pair")
+    pairs = "; ".join(
+        f"{label} {mean_drop(f):+.4f} (gain kept: {100 * f['kept_a']:.0f}% / "
+        f"{100 * f['kept_b']:.0f}%)" for label, f in fus.items())
     return (
-        f"On q+v after {study.p.steps} steps, the best SHiRA mask ({pretty(best_shira)}, "
+        f"On q+v after {p['steps']} steps, the best SHiRA mask ({pretty(best)}, "
         f"{s['mean']:.4f} ± {s['std']:.4f} over {s['n']} seeds) against LoRA ({lo['mean']:.4f} "
-        f"± {lo['std']:.4f}): {call}. Mask ranking (seed 0): "
-        + " < ".join(f"{pretty(m)} {next(r['eval_a'] for r in runs if r['stage'] == 'main' and r['method'] == m):.4f}"  # noqa: E501
-                     for m in res["ranked"])
-        + f". Fusion: the mean loss increase over both tasks when both adapters are active is "
-        f"{mean_drop(best_f):+.4f} for {best_f['label']} and {mean_drop(lora_f):+.4f} for the "
-        f"LoRA pair."
+        f"± {lo['std']:.4f}): {call}. Seed 0, every method: "
+        + ", ".join(f"{pretty(m)} {_scored(runs, m, [0])[0]:.4f}" for m in res["ranked"])
+        + f". Fusion (one seed), mean loss increase over both tasks with both adapters active "
+        f"(task A / task B gain kept): LoRA pair {mean_drop(lora_f):+.4f} "
+        f"({100 * lora_f['kept_a']:.0f}% / {100 * lora_f['kept_b']:.0f}%); {pairs}."
     )
+
+
+def render(res: dict[str, Any], out: Path, figures: Path) -> Path:
+    """Write the plots and QUALITY.md from a payload; returns QUALITY.md's path."""
+    files = plots(res, figures)
+    rel = Path(os.path.relpath(figures, out)).as_posix()
+    path = out / "QUALITY.md"
+    path.write_text(report(res, files, rel), encoding="utf-8")
+    return path
 
 
 # ----------------------------------------------------------------------------- main
 
 
-def parse(argv: Sequence[str] | None) -> tuple[Protocol, Path, Path, str]:
+def parse(argv: Sequence[str] | None) -> tuple[Protocol, Path, Path, str, Path | None]:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="few steps (minutes), same paths")
     ap.add_argument("--size", choices=("full", "tiny"), default="full")
     ap.add_argument("--out", type=Path, default=None,
                     help="folder for QUALITY.md and the figures (default: the repository)")
+    ap.add_argument("--report", type=Path, default=None, metavar="RESULTS_JSON",
+                    help="render QUALITY.md and the plots again from a finished run's results")
     for f in dataclasses.fields(Protocol):
         if f.name in ("size", "lrs"):
             continue
@@ -626,29 +707,34 @@ def parse(argv: Sequence[str] | None) -> tuple[Protocol, Path, Path, str]:
     proto = Protocol(**kw)
     if len(proto.lrs) < 3:
         ap.error("--lrs needs at least 3 rates (each method gets its own sweep).")
-    if proto.seeds < 2 and not args.quick:
-        ap.error("--seeds must be at least 2 for a spread.")
+    if proto.seeds < 2:
+        ap.error("--seeds must be at least 2 (LoRA and the best mask get a spread).")
     out = args.out or ROOT
     figures = out / "benchmarks" / "quality_figures" if args.out is None else out / "figures"
     command = "python -m benchmarks.quality " + " ".join(argv if argv is not None
                                                          else sys.argv[1:])
-    return proto, out, figures, command.strip()
+    return proto, out, figures, command.strip(), args.report
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    proto, out, figures, command = parse(argv)
+    proto, out, figures, command, rerender = parse(argv)
+    if rerender is not None:
+        payload = json.loads(rerender.read_text(encoding="utf-8"))
+        if "machine" not in payload:  # runs from before the machine was saved: same host
+            payload["machine"] = {k: v for k, v in machine_info().items() if "load" not in k}
+        print(f"wrote {render(payload, out, rerender.parent)}")
+        return payload
+    machine = machine_info()
     study = Study(proto)
     res = study.study()
-    files = plots(study, res, figures)
-    rel = figures.relative_to(out).as_posix()
-    text = report(study, res, files, command, rel)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "QUALITY.md").write_text(text, encoding="utf-8")
-    payload = dict(protocol=dataclasses.asdict(proto), command=command,
-                   seconds=study.elapsed(), base=dict(a=study.base_a, b=study.base_b),
-                   runs=study.runs, **res)
+    payload = dict(protocol=dataclasses.asdict(proto), command=command, machine=machine,
+                   eval_windows=dict(a=len(study.eval_a), b=len(study.eval_b)),
+                   base=dict(a=study.base_a, b=study.base_b), runs=study.runs, **res)
+    payload["seconds"] = study.elapsed()
+    figures.mkdir(parents=True, exist_ok=True)
     (figures / "results.json").write_text(json.dumps(payload, indent=1), encoding="utf-8")
-    print(f"wrote {out / 'QUALITY.md'} and {figures} in {study.elapsed() / 60:.1f} min")
+    print(f"wrote {render(payload, out, figures)} and {figures} in "
+          f"{study.elapsed() / 60:.1f} min")
     return payload
 
 

@@ -67,3 +67,30 @@ def test_quick_study_writes_a_report_that_matches_its_results(tmp_path):
         assert f"{f['fused'][0]:.4f}" in text and f"{f['awor']:.3f}" in text
         assert f["drop_a"] == pytest.approx(f["fused"][0] - f["a_alone"][0])
     assert "## Verdict" in text and saved["command"] in text
+
+    # the page is rendered from results.json alone: rendering it again gives the same text
+    (tmp_path / "QUALITY.md").unlink()
+    quality.main(["--report", str(tmp_path / "figures" / "results.json"), "--out", str(tmp_path)])
+    assert (tmp_path / "QUALITY.md").read_text() == text
+
+
+def _payload(lora: list[float], shira: list[float]) -> dict:
+    """A synthetic results payload: LoRA and SHiRA-random on seeds 0.., one fusion pair each."""
+    runs = [dict(stage="main" if seed == 0 else "seeds", method=m, targets="q+v", seed=seed,
+                 eval_a=loss) for m, losses in (("LoRA", lora), ("random", shira))
+            for seed, loss in enumerate(losses)]
+    pair = dict(drop_a=0.01, drop_b=0.03, kept_a=0.9, kept_b=0.5)
+    return dict(runs=runs, protocol=dict(steps=300, seeds=len(lora)), ranked=["random", "LoRA"],
+                fusion=[dict(label="SHiRA-random pair", **pair), dict(label="LoRA pair", **pair)])
+
+
+def test_verdict_names_a_winner_only_when_every_seed_agrees_beyond_the_spread():
+    clear = quality.verdict(_payload([4.10, 4.12, 4.11], [4.00, 4.03, 4.01]))
+    assert "SHiRA is ahead on every seed, by 0.0967 nats" in clear
+    mixed = quality.verdict(_payload([4.10, 4.00, 4.11], [4.00, 4.03, 4.05]))
+    assert "within its seed-to-seed spread: no winner" in mixed
+    few = quality.verdict(_payload([4.10, 4.12], [4.00, 4.03]))
+    assert "with 2 paired seed(s) the gap's spread is not known well enough" in few
+    gap = quality.paired_gap(_payload([4.1, 4.2, 4.3], [4.0, 4.0, 4.4])["runs"], "random", "LoRA")
+    assert gap["n"] == 3 and gap["mean"] == pytest.approx(-0.0667, abs=1e-4)
+    assert not gap["all_same_sign"]
