@@ -39,7 +39,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.run
 
-# SHiRA vs LoRA at equal size on SmolLM2-135M (about an hour on 2 cores) -> QUALITY.md
+# SHiRA vs LoRA at equal size on SmolLM2-135M (about 80 min on 2 cores) -> QUALITY.md
 quality: $(STAMP)
 	$(PY) -m benchmarks.quality
 

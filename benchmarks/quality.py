@@ -19,7 +19,7 @@ decay, 10% warmup, cosine decay, clipping at 1) and the same data order for a se
 It writes `results.json` (every run) and, rendered from it alone, QUALITY.md (tables, plots,
 command, machine, wall time) and PNGs in `benchmarks/quality_figures/`. Usage:
 
-    python -m benchmarks.quality                      # the study (about an hour on 2 cores)
+    python -m benchmarks.quality                      # the study (~80 min on 2 cores)
     python -m benchmarks.quality --quick              # a few minutes, same code paths
     python -m benchmarks.quality --quick --size tiny --out DIR   # seconds (the test suite)
     python -m benchmarks.quality --report benchmarks/quality_figures/results.json  # re-render
@@ -61,7 +61,7 @@ SIGN = {True: "the same sign on every seed", False: "the sign changes between se
 
 @dataclasses.dataclass(frozen=True)
 class Protocol:
-    """Sizes of the study; the defaults are `make quality`'s (about an hour on 2 cores)."""
+    """Sizes of the study; the defaults are `make quality`'s (about 80 min on 2 cores)."""
 
     size: str = "full"  # "full": SmolLM2-135M; "tiny": a tiny random Llama (tests)
     rank: int = 32
@@ -628,7 +628,10 @@ def report(res: dict[str, Any], files: dict[str, str], rel: str) -> str:
               f"- {p['steps']} steps of {p['batch']} x {p['seq_len']} tokens on {model}: "
               "the adapters have seen little data. The paper's gaps come from 7B models trained "
               "for epochs; more steps, longer windows or a larger model could change the order.",
-              "- All-linear runs and fusion have one seed each.", "",
+              "- All-linear runs and fusion have one seed each. All-linear runs reuse the q+v "
+              "rates: where a training curve spikes (plot above), that rate was too high for the "
+              "method on all linear layers, and the all-linear ranking says as much about the "
+              "rate as about the method.", "",
               "## Verdict", "", verdict(res), ""]
     return "\n".join(lines)
 

@@ -74,3 +74,6 @@ def test_03_masks_and_fusion(tmp_path):
     (fused_diff,) = _floats(r"logits\(fused\)\| = ([0-9.e+-]+)", text)
     assert fused_diff < 1e-4
     assert re.search(r"Orthogonality: AWOR .*SHiRA-WM non-overlapping [0-9.]+", text)
+    # section 4 shows the committed `make quality` study: its main plot and its verdict
+    assert _n_figures(nb) >= 3
+    assert re.search(r"Study \(make quality\): On q\+v after \d+ steps", text)
