@@ -20,7 +20,7 @@ It writes `results.json` (every run) and, rendered from it alone, QUALITY.md (ta
 command, machine, wall time) and PNGs in `benchmarks/quality_figures/`. Usage:
 
     python -m benchmarks.quality                      # the study (~80 min on 2 cores)
-    python -m benchmarks.quality --quick              # a few minutes, same code paths
+    python -m benchmarks.quality --quick              # ~12 min on 2 cores, same code paths
     python -m benchmarks.quality --quick --size tiny --out DIR   # seconds (the test suite)
     python -m benchmarks.quality --report benchmarks/quality_figures/results.json  # re-render
 """
