@@ -229,15 +229,14 @@ class Study:
 
         Adapters on a fresh base are made once per (method, targets, seed, task) and copied,
         so a sweep computes each mask (and each gradient / SNIP calibration) once."""
-        key = (method, tuple(targets), seed, task)
-        if model is None and key in self._initial:
+        if model is None:
+            key = (method, tuple(targets), seed, task)
+            if key not in self._initial:
+                made, wrt = self.adapted(method, targets, seed, task, self.fresh(), name, exclude)
+                self._initial[key] = (*nnx.split(made), wrt)
             graphdef, state, wrt = self._initial[key]
             # new Variable objects (merging the cached state itself would share them)
             return nnx.merge(graphdef, jax.tree.map(lambda x: x, state)), wrt
-        if model is None:
-            made, wrt = self.adapted(method, targets, seed, task, self.fresh(), name, exclude)
-            self._initial[key] = (*nnx.split(made), wrt)
-            return self.adapted(method, targets, seed, task)
         if method == "LoRA":
             C.wrap_lora(model, C.linear_paths(self.base, tuple(targets)), self.p.rank, seed=seed)
             return model, nnx.LoRAParam

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -22,7 +21,6 @@ from flax import nnx
 import shira_jax as sj
 from benchmarks.common import (
     ALL_LINEAR,
-    QV,
     SMOLLM2,
     TINY_LLAMA,
     Figure,
@@ -31,7 +29,7 @@ from benchmarks.common import (
     paired,
     ratio_figure,
 )
-from benchmarks.sparse_modes import R, with_mode
+from benchmarks.sparse_modes import R, _tag, with_mode
 from benchmarks.train_step import JaxStep, own_copy
 
 
@@ -42,10 +40,6 @@ def _bytes(tree: Any) -> int:
         bits = jnp.iinfo(dtype).bits if jnp.issubdtype(dtype, jnp.integer) else dtype.itemsize * 8
         total += int(np.prod(leaf.shape)) * bits // 8
     return total
-
-
-def _tag(targets: Sequence[str]) -> str:
-    return "q+v" if tuple(targets) == QV else "all-linear"
 
 
 def quantized(

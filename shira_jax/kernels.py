@@ -48,12 +48,12 @@ __all__ = [
     "einsum_axes",
     "kernel_layout",
     "kernel_view",
+    "matrix_layout",
     "mesh_spec",
     "place_like_kernel",
     "register_kernel",
     "scatter_delta",
     "scatter_fn",
-    "matrix_layout",
     "sparse_refusal",
     "sparse_route",
 ]

@@ -373,22 +373,22 @@ class ShiraDense(nnx.Module):
             return mode
         if self.sparse_unsupported:
             return "patched"
+        return "sparse" if self._auto_prefers_sparse(adapter, tokens) else "patched"
+
+    def _auto_prefers_sparse(self, adapter: str, tokens: int) -> bool:
+        """`ops.prefer_sparse` for this adapter's `nnz` on the `[in, out]` matrix."""
         nnz = int(self.shira_indices[adapter].shape[-1])
-        sparse = ops.prefer_sparse(tokens, nnz, self.in_features, self.out_features)
-        return "sparse" if sparse else "patched"
+        return ops.prefer_sparse(tokens, nnz, self.in_features, self.out_features)
 
     def _dense_delta_call(self, adapter: str, tokens: int) -> bool:
         """On a quantized kernel, whether this call multiplies by the dense delta instead of
         running the sparse product: for `delta_mode` "patched" (the default) and for "auto" at
         training-sized calls, where the sparse product's gathers cost far more than one more
-        matmul (BENCHMARKS.md section 6). "sparse" always takes the sparse product."""
+        matmul (BENCHMARKS.md section 7). "sparse" always takes the sparse product."""
         mode = self.delta_mode.get(adapter, "patched")
         if mode == "sparse":
             return False
-        nnz = int(self.shira_indices[adapter].shape[-1])
-        return mode == "patched" or not ops.prefer_sparse(
-            tokens, nnz, self.in_features, self.out_features
-        )
+        return mode == "patched" or not self._auto_prefers_sparse(adapter, tokens)
 
     def _patched_forward(
         self, live: tuple[str, ...], inputs: jax.Array, *args: Any, **kwargs: Any
