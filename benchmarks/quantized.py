@@ -29,7 +29,7 @@ from benchmarks.common import (
     paired,
     ratio_figure,
 )
-from benchmarks.sparse_modes import R, _tag, with_mode
+from benchmarks.sparse_modes import R, targets_tag, with_mode
 from benchmarks.train_step import JaxStep, own_copy
 
 
@@ -78,10 +78,11 @@ def quantized(
         lora = nnx.state(qlora, nnx.LoRAParam)
         w, a, lo = _bytes(quant_state), _bytes(adapter), _bytes(lora)
         bf16 = 2 * n_weights
-        figs.append(Figure(f"{qtype} base + SHiRA adapter bytes / bf16 base ({_tag(targets)})",
+        tag = targets_tag(targets)
+        figs.append(Figure(f"{qtype} base + SHiRA adapter bytes / bf16 base ({tag})",
                            (w + a) / bf16, (w + a) / 2**20, bf16 / 2**20, "MiB",
                            note=f"adapter {a / 2**20:.2f} MiB (fp32 values + int32 indices)"))
-        figs.append(Figure(f"{qtype} base + qwix QLoRA bytes / bf16 base ({_tag(targets)})",
+        figs.append(Figure(f"{qtype} base + qwix QLoRA bytes / bf16 base ({tag})",
                            (w + lo) / bf16, (w + lo) / 2**20, bf16 / 2**20, "MiB",
                            note=f"adapter {lo / 2**20:.2f} MiB (fp32 A, B)"))
     times = paired(steps, reps=reps, warmup=1)
@@ -97,7 +98,8 @@ def quantized(
                                  f"{qtype} qwix QLoRA", "float SHiRA"))
         figs.append(ratio_figure(f"train step {qtype} QSHiRA / qwix QLoRA", times,
                                  f"{qtype} QSHiRA", f"{qtype} qwix QLoRA"))
-    notes.append(f"{layers} layers, {_tag(targets)}, batch {batch[0]} x {batch[1]}; the float "
+    notes.append(f"{layers} layers, {targets_tag(targets)}, batch {batch[0]} x {batch[1]}; "
+                 "the float "
                  "base is fp32 (XLA CPU emulates bf16 matmuls, so a bf16 base would not be a "
                  "fair time baseline here); bytes count the targeted weights only.")
     return figs, notes

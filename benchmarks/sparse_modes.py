@@ -182,7 +182,8 @@ def mixed_batch(config, layers, targets, batch, reps, r=R) -> list[Figure]:
     return [fig]
 
 
-def _tag(targets: Sequence[str]) -> str:
+def targets_tag(targets: Sequence[str]) -> str:
+    """The short label of a target list used in figure names: "q+v" or "all-linear"."""
     return "q+v" if tuple(targets) == QV else "all-linear"
 
 
