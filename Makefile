@@ -29,7 +29,7 @@ demo-sft: $(STAMP)
 # Lint first (import contracts + ruff), then tests and the docstring examples of shira_jax/ and
 # bridge/ (testpaths and --doctest-modules are set in pyproject.toml).
 test: lint
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 # The import contracts are [tool.importlinter] in pyproject.toml (the layers of DESIGN.md).
 lint: $(STAMP)

@@ -20,9 +20,13 @@ It writes `results.json` (every run) and, rendered from it alone, QUALITY.md (ta
 command, machine, wall time) and PNGs in `benchmarks/quality_figures/`. Usage:
 
     python -m benchmarks.quality                      # the study (~80 min on 2 cores)
-    python -m benchmarks.quality --quick              # ~12 min on 2 cores, same code paths
+    python -m benchmarks.quality --quick              # ~3 min: a smoke run, not a result
     python -m benchmarks.quality --quick --size tiny --out DIR   # seconds (the test suite)
     python -m benchmarks.quality --report benchmarks/quality_figures/results.json  # re-render
+
+`--quick` keeps the real weights and tokenizer but only SmolLM2's first 4 decoder layers (a
+truncated model is a poor LM: base loss ~17.6) and few steps; it took 3.0 min on 2 cores. Its
+numbers check that the whole study runs, they say nothing about the methods.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ class Protocol:
     """Sizes of the study; the defaults are `make quality`'s (about 80 min on 2 cores)."""
 
     size: str = "full"  # "full": SmolLM2-135M; "tiny": a tiny random Llama (tests)
+    layers: int = 0  # keep only the first `layers` decoder layers (0: all; --quick keeps 4)
     rank: int = 32
     seq_len: int = 32
     batch: int = 2
@@ -80,8 +85,21 @@ class Protocol:
     code_chars: int = 400_000
 
 
-QUICK = dict(sweep_steps=8, steps=30, seeds=2, fusion_steps=15, n_eval=16, calib_batches=2)
-TINY = dict(rank=4, n_plays=1, code_chars=60_000, n_eval=8)
+QUICK = dict(layers=4, sweep_steps=8, steps=30, seeds=2, fusion_steps=15, n_eval=16,
+             calib_batches=2)
+TINY = dict(layers=0, rank=4, n_plays=1, code_chars=60_000, n_eval=8)
+
+
+def truncated(model: nnx.Module, layers: int) -> nnx.Module:
+    """`model` with only its first `layers` decoder layers (0, or at least as many as it has:
+    unchanged). `--quick` studies a 4-layer SmolLM2: real weights, a fraction of the compile
+    and step time."""
+    blocks = list(model.model.layers)
+    if 0 < layers < len(blocks):
+        model.model.layers = nnx.List(blocks[:layers])
+        config = dataclasses.replace(model.config, num_hidden_layers=layers)
+        model.config = model.model.config = config
+    return model
 
 
 def pretty(method: str) -> str:
@@ -209,10 +227,13 @@ class Study:
         from shira_jax.app import data
 
         if self.p.size == "tiny":
-            return C.tiny_llama(0), data.Tokenizer(C.ByteTokenizer(), eos_id=0)
-        import bridge
+            model, tokenizer = C.tiny_llama(0), data.Tokenizer(C.ByteTokenizer(), eos_id=0)
+        else:
+            import bridge
 
-        return bridge.from_pretrained("smollm2-135m"), data.load_tokenizer(bridge.smollm2_dir())
+            model = bridge.from_pretrained("smollm2-135m")
+            tokenizer = data.load_tokenizer(bridge.smollm2_dir())
+        return truncated(model, self.p.layers), tokenizer
 
     def fresh(self) -> nnx.Module:
         """A copy of the base model (the frozen arrays are shared, not copied)."""
@@ -576,6 +597,8 @@ def report(res: dict[str, Any], files: dict[str, str], rel: str) -> str:
     machine = res.get("machine") or {}
     lines += ["Machine: " + "; ".join(f"{k} {v}" for k, v in machine.items()), ""]
     model = "SmolLM2-135M (embedded weights)" if p["size"] == "full" else "a tiny random Llama"
+    if p.get("layers"):  # results from before this field: every layer
+        model += f", its first {p['layers']} decoder layers only"
     lines += [
         f"Setup: {model}; rank budget r={p['rank']} (every method trains exactly "
         f"`r * (in + out)` values per adapted layer); windows of {p['seq_len']} tokens, batch "
@@ -684,7 +707,7 @@ def render(res: dict[str, Any], out: Path, figures: Path) -> Path:
 def parse(argv: Sequence[str] | None) -> tuple[Protocol, Path, Path, str, Path | None]:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="few steps (minutes), same paths")
+    ap.add_argument("--quick", action="store_true", help="4 layers, few steps: a ~3 min smoke run")
     ap.add_argument("--size", choices=("full", "tiny"), default="full")
     ap.add_argument("--out", type=Path, default=None,
                     help="folder for QUALITY.md and the figures (default: the repository)")

@@ -94,3 +94,29 @@ def test_verdict_names_a_winner_only_when_every_seed_agrees_beyond_the_spread():
     gap = quality.paired_gap(_payload([4.1, 4.2, 4.3], [4.0, 4.0, 4.4])["runs"], "random", "LoRA")
     assert gap["n"] == 3 and gap["mean"] == pytest.approx(-0.0667, abs=1e-4)
     assert not gap["all_same_sign"]
+
+
+def test_truncated_keeps_the_first_layers_and_still_runs():
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from shira_jax.models.llama import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+                      num_hidden_layers=3, num_attention_heads=2)
+    model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+    first = np.asarray(model.model.layers[0].self_attn.q_proj.kernel[...])
+    assert quality.truncated(model, 0) is model and len(model.model.layers) == 3
+    quality.truncated(model, 5)  # more than it has: unchanged
+    assert len(model.model.layers) == 3
+    quality.truncated(model, 2)
+    assert len(model.model.layers) == 2 and model.config.num_hidden_layers == 2
+    np.testing.assert_array_equal(model.model.layers[0].self_attn.q_proj.kernel[...], first)
+    assert model(jnp.array([[1, 2, 3]])).shape == (1, 3, 32)
+
+
+def test_quick_studies_four_layers_at_full_size_and_every_layer_at_tiny_size():
+    assert quality.parse(["--quick"])[0].layers == 4
+    assert quality.parse(["--quick", "--size", "tiny"])[0].layers == 0
+    assert quality.parse([])[0].layers == 0
