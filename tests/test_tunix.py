@@ -208,6 +208,35 @@ def test_orbax_round_trip_keeps_fused_parts(case, tmp_path):
     assert sorted(file_tensors(tmp_path / "out")) == sorted(file_tensors(case["root"] / "peft"))
 
 
+
+def test_convert_maps_tunix_paths_both_ways(case, tmp_path):
+    """`bridge.peft_to_orbax` / `orbax_to_peft` with a Tunix model: the orbax side holds what
+    `sj.save_adapter` writes for that model (same logits after `sj.load_adapter`), the PEFT
+    side PEFT's own tensors, bit for bit. `shira-jax convert --model` does the same."""
+    from shira_jax.app.cli import main
+
+    family, root = case["family"], case["root"]
+    shapes_only = load_tunix(root / "hf", family)  # weights unused: only paths and shapes
+    bridge.peft_to_orbax(root / "peft", tmp_path / "ckpt", model=shapes_only)
+    fresh = load_tunix(root / "hf", family)
+    sj.load_adapter(fresh, tmp_path / "ckpt")
+    np.testing.assert_array_equal(tunix_logits(fresh), tunix_logits(case["model"]))
+    bridge.orbax_to_peft(tmp_path / "ckpt", tmp_path / "back", model=shapes_only)
+    theirs, back = file_tensors(root / "peft"), file_tensors(tmp_path / "back")
+    assert sorted(back) == sorted(theirs)
+    for key in theirs:
+        np.testing.assert_array_equal(back[key], theirs[key], err_msg=key)
+    if family == "llama":  # the CLI reads a "llama" config.json as shira-jax's Llama
+        return
+    hf = str(root / "hf")
+    assert main(["convert", str(root / "peft"), str(tmp_path / "cli"), "--model", hf]) == 0
+    cli = load_tunix(root / "hf", family)
+    sj.load_adapter(cli, tmp_path / "cli")
+    np.testing.assert_array_equal(tunix_logits(cli), tunix_logits(case["model"]))
+    assert main(["convert", str(tmp_path / "cli"), str(tmp_path / "cli_peft"), "--model", hf]) == 0
+    assert sorted(file_tensors(tmp_path / "cli_peft")) == sorted(theirs)
+
+
 # ----------------------------------------------------------------------------- fused kernels
 
 

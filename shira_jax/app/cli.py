@@ -69,7 +69,11 @@ class ConvertOptions:
 
     src: str = option(MISSING, positional=True)
     dst: str = option(MISSING, positional=True)
-    model: str = option(DEFAULT_MODEL, "base model (PEFT -> orbax only: gives the kernel shapes)")
+    model: str = option(
+        DEFAULT_MODEL,
+        "base model: the kernel shapes for PEFT -> orbax; for a Tunix model (Qwen, Gemma) "
+        "also the map between its paths and HF's, both ways",
+    )
     adapter_name: str | None = option(None)
 
 
@@ -166,28 +170,33 @@ def _generate(opts: GenerateOptions) -> int:
     return 0
 
 
+def _shapes_model(model: str) -> Any:
+    """The base model with shapes only (from config.json), or with weights for a GGUF file."""
+    from shira_jax.app import source
+
+    model_path = source.resolve_model(model)
+    return source.abstract_model(model_path) or source.load_model(model_path, "float32")
+
+
 def _convert(opts: ConvertOptions) -> int:
     import bridge
-    from shira_jax.app import source
 
     # absolute paths: orbax refuses relative ones
     src, dst = Path(opts.src).expanduser().absolute(), Path(opts.dst).expanduser().absolute()
     if not src.is_dir():
         raise FileNotFoundError(f"convert: {opts.src} is not a folder")
     if (src / "shira_adapter.json").is_file():
-        folder = bridge.orbax_to_peft(src, dst, adapter_name=opts.adapter_name)
+        # the file keeps the model's own paths; only a Tunix model's need HF's names
+        model = None if opts.model == DEFAULT_MODEL else _shapes_model(opts.model)
+        folder = bridge.orbax_to_peft(src, dst, adapter_name=opts.adapter_name, model=model)
         print(f"PEFT adapter written to {folder} (from the orbax checkpoint {src})")
         return 0
     if (src / "adapter_config.json").is_file() or (
         opts.adapter_name and (src / opts.adapter_name / "adapter_config.json").is_file()
     ):
         # a PEFT file has no kernel shapes: read them from the base model's config (abstract)
-        model_path = source.resolve_model(opts.model)
-        model = source.abstract_model(model_path)
-        if model is None:
-            model = source.load_model(model_path, "float32")
         name = opts.adapter_name or "default"
-        folder = bridge.peft_to_orbax(src, dst, adapter_name=name, model=model)
+        folder = bridge.peft_to_orbax(src, dst, adapter_name=name, model=_shapes_model(opts.model))
         print(f"orbax checkpoint written to {folder} (from the PEFT adapter {src})")
         return 0
     raise FileNotFoundError(
