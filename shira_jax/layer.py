@@ -16,7 +16,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import math
 import sys
 import weakref
@@ -325,9 +324,11 @@ class ShiraDense(nnx.Module):
     recompute_in_backward: bool = True
 
     def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
-        mix = _MIX.get()
-        if mix is not None and not self.disabled and set(mix[0]) & set(self.adapter_names):
-            return self._mixed_call(mix, inputs, *args, **kwargs)
+        mixed = getattr(self, "mixed_ids", None)
+        if mixed is not None and not self.disabled and set(self.mixed_names) & set(
+            self.adapter_names
+        ):
+            return self._mixed_call((self.mixed_names, mixed[...]), inputs, *args, **kwargs)
         live = self._live_adapters()
         if not live:
             return self.base_layer(inputs, *args, **kwargs)
@@ -1073,21 +1074,35 @@ def _kernel_swapped(variable: nnx.Variable, kernel: jax.Array) -> Iterator[None]
 
 # ----------------------------------------------------------------------------- mixed batches
 
-#: (model-wide adapter names, int32 id per example) while `mixed_adapters` is active
-_MIX: contextvars.ContextVar[tuple[tuple[str, ...], Any] | None] = contextvars.ContextVar(
-    "shira_mixed_adapters", default=None
-)
+class MixedAdapterIds(nnx.Variable):
+    """The adapter id of every example (-1: the base) while `sj.mixed_adapters` runs. It is
+    the layer's state, so a jitted call takes it as data (one trace serves every mix) and the
+    layer's structure differs inside and outside the block (no trace is reused across it); a
+    stacked layer holds one copy per slice, for `nnx.scan`."""
 
 
 @contextlib.contextmanager
-def mixed_batch(names: Sequence[str], ids: Any) -> Iterator[None]:
-    """Within the block, every `ShiraDense` call uses adapter `names[ids[b]]` (or, for -1, the
-    base) for example `b`. Use `sj.mixed_adapters(model, ids)`, which checks the model first."""
-    token = _MIX.set((tuple(names), ids))
+def mixed_batch(layers: Sequence[ShiraDense], names: Sequence[str], ids: Any) -> Iterator[None]:
+    """Within the block, each of `layers` runs adapter `names[ids[b]]` (or, for -1, the base)
+    for example `b`; other modules are untouched. Use `sj.mixed_adapters(model, ids)`, which
+    checks the model and the ids first. Nested blocks restore the outer mix on exit."""
+    names = tuple(names)
+    saved = [(layer, getattr(layer, "mixed_ids", None), getattr(layer, "mixed_names", None))
+             for layer in layers]
     try:
+        for layer in layers:
+            stack = layer.shira_indices[layer.adapter_names[0]].shape[:-2]
+            layer.mixed_ids = MixedAdapterIds(jnp.broadcast_to(ids, (*stack, *jnp.shape(ids))))
+            layer.mixed_names = names
         yield
     finally:
-        _MIX.reset(token)
+        for layer, ids_before, names_before in saved:
+            if ids_before is None:
+                for attr in ("mixed_ids", "mixed_names"):
+                    if hasattr(layer, attr):
+                        delattr(layer, attr)
+            else:
+                layer.mixed_ids, layer.mixed_names = ids_before, names_before
 
 
 # ----------------------------------------------------------------------------- any kernel view
@@ -1168,7 +1183,7 @@ def attach_adapter(
         layer.add_adapter(
             adapter, indices, r=r, values=values, active=is_active, delta_mode=delta_mode
         )
-        if layer is not node:
+        if layer.active_adapters != tuple(active):  # a new wrapper, or one left with none
             layer.set_adapter(tuple(active))
         return layer
     idx = jnp.asarray(indices, jnp.int32)
@@ -1180,6 +1195,8 @@ def attach_adapter(
         before = _sharding(node)
         per_slice(add, node, in_axes=(0, 0, 0), out_axes=None)(node, idx, values)
         _restore_placement(node, before)
+        if node.active_adapters != tuple(active):  # e.g. every adapter was deleted before
+            node.set_adapter(tuple(active))
         return node
     graphdef, state = nnx.split(node)
     before = _sharding(node)

@@ -514,12 +514,17 @@ def adapter_index(model: nnx.Module, names: Sequence[str | None]) -> jax.Array:
 def mixed_adapters(model: nnx.Module, ids: Any) -> Iterator[nnx.Module]:
     """Run example `b` of every call with adapter `ids[b]` (from `adapter_index`; -1 = base).
 
-    `ids` is data: inside `nnx.jit` pass it as an argument and enter the block inside the jitted
-    function, so one compilation serves every mix. (Entering the block around a call of an
-    already-jitted function bakes the ids into its trace, and a cached trace would keep them.)
-    Scales apply per adapter; `set_adapter` does not matter here. Merged adapters are refused
+    Only this model's SHiRA layers mix; other models run as usual. The ids are the layers'
+    state while the block runs (`MixedAdapterIds`): `nnx.jit` takes them as data, so one
+    compilation serves every mix, whether the block is entered inside the jitted function or
+    around its call, and a trace made inside the block is never reused outside it. Scales
+    apply per adapter; `set_adapter` does not matter here. Merged adapters are refused
     (unmerge first), as are models with `modules_to_save` copies (one copy per example is not
     supported).
+
+    Raises:
+        ValueError: merged adapters or `modules_to_save`; `ids` not a 1-D integer array; a
+            concrete id outside [-1, number of adapters).
 
     Example: see `adapter_index`.
     """
@@ -535,8 +540,32 @@ def mixed_adapters(model: nnx.Module, ids: Any) -> Iterator[nnx.Module]:
             "Mixed-adapter batches do not support modules_to_save (one module copy per "
             "example); run such adapters one at a time."
         )
-    with mixed_batch(adapter_names(model), ids):
+    names = adapter_names(model)
+    ids = _checked_ids(ids, names)
+    with mixed_batch(layers, names, ids):
         yield model
+
+
+def _checked_ids(ids: Any, names: Sequence[str]) -> jax.Array:
+    """`ids` as an int32 array, refused unless 1-D integer (and, when concrete, in range)."""
+    if isinstance(ids, list | tuple) and any(isinstance(i, str) or i is None for i in ids):
+        raise TypeError("ids are integers: turn adapter names into ids with sj.adapter_index.")
+    ids = jnp.asarray(ids)
+    if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(
+            f"ids must be a 1-D integer array (one adapter id per example, from "
+            f"sj.adapter_index); got shape {ids.shape}, dtype {ids.dtype}."
+        )
+    if not isinstance(ids, jax.core.Tracer):
+        host = np.asarray(ids)
+        bad = [(b, int(i)) for b, i in enumerate(host) if not -1 <= i < len(names)]
+        if bad:
+            raise ValueError(
+                f"Adapter ids out of range at (example, id) {bad[:5]}: this model has "
+                f"{len(names)} adapters {list(names)}, so ids run from -1 (the base) to "
+                f"{len(names) - 1}. Make them with sj.adapter_index."
+            )
+    return ids.astype(jnp.int32)
 
 
 def merge(

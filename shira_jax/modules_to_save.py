@@ -131,6 +131,7 @@ def wrap_modules_to_save(
         module = get_submodule(model, path)
         wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module, path=path)
         wrapper.add_adapter(adapter, active=adapter in active)
-        if wrapper is not module:
+        if wrapper.active_adapters != tuple(active):  # a new wrapper, or one left with none
             wrapper.set_adapter(tuple(active))
+        if wrapper is not module:
             set_submodule(model, path, wrapper)

@@ -135,3 +135,65 @@ def test_mixed_batch_on_n_d_kernels():
         got = np.asarray(model(x))
     for b, name in enumerate(mix):
         np.testing.assert_allclose(got[b], np.asarray(alone(model, name, x[b : b + 1]))[0], **TOL)
+
+
+def test_a_block_around_a_jitted_call_is_data_and_ends_with_the_block(llama):
+    """Entered around an `nnx.jit` call, the ids are the layers' state: two mixes share one
+    trace, and the trace made inside the block is not reused after it."""
+    traces = []
+
+    @nnx.jit
+    def forward(model, x):
+        traces.append(1)
+        return model(x)
+
+    x = tokens(4)
+    mixes = [["a", "b", None, "c"], ["c", None, "b", "a"]]
+    outs = []
+    for mix in mixes:
+        with sj.mixed_adapters(llama, sj.adapter_index(llama, mix)):
+            outs.append(np.asarray(forward(llama, x)))
+    assert len(traces) == 1
+    for mix, out in zip(mixes, outs):
+        for b, name in enumerate(mix):
+            ref = np.asarray(alone(llama, name, x[b : b + 1]))[0]
+            np.testing.assert_allclose(out[b], ref, **TOL)
+    sj.set_adapter(llama, "a")
+    np.testing.assert_allclose(np.asarray(forward(llama, x)), np.asarray(llama(x)), **TOL)
+    assert len(traces) == 2  # outside the block: its own trace, with no mix
+
+
+def test_only_the_given_model_mixes():
+    model, other = tiny_jax_llama(0), tiny_jax_llama(0)
+    for m in (model, other):
+        sj.apply_shira(m, cfg(1), adapter_name="a")
+        sj.apply_shira(m, cfg(2), adapter_name="b")
+    x = tokens(3)
+    want = np.asarray(other(x))  # "a" active, every row
+    with sj.mixed_adapters(model, sj.adapter_index(model, [None, "b", "a"])):
+        np.testing.assert_array_equal(np.asarray(other(x)), want)
+        np.testing.assert_array_equal(np.asarray(other(x[:2])), want[:2])  # any batch size
+
+
+@pytest.mark.parametrize(
+    ("ids", "error", "match"),
+    [
+        ([0, 2], ValueError, r"out of range at \(example, id\) \[\(1, 2\)\]"),
+        ([-2, 0], ValueError, "ids run from -1"),
+        ([0.0, 1.0], ValueError, "1-D integer"),
+        ([[0, 1]], ValueError, "1-D integer"),
+        (["a", None], TypeError, "adapter_index"),
+    ],
+)
+def test_bad_ids_are_refused_before_the_call(ids, error, match):
+    model = tiny_jax_llama(1)
+    sj.apply_shira(model, cfg(1), adapter_name="a")
+    sj.apply_shira(model, cfg(2), adapter_name="b")
+    with pytest.raises(error, match=match):
+        with sj.mixed_adapters(model, ids):
+            pass
+    layer = sj.shira_layers(model)[0][1]
+    assert not hasattr(layer, "mixed_ids")  # nothing left behind
+    with sj.mixed_adapters(model, [1, -1]):  # a plain list of ints is fine
+        assert layer.mixed_ids[...].tolist() == [1, -1]
+    assert not hasattr(layer, "mixed_ids")

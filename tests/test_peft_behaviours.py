@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import warnings
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import file_tensors, peft_model, tiny_hf_llama, tiny_jax_llama
+from flax import nnx
 
 import bridge
 import shira_jax as sj
@@ -157,6 +159,22 @@ def test_deleting_the_last_adapter_leaves_none_active():
     sj.apply_shira(model, jax_cfg())
     assert recorded(sj.delete_adapter, model, "default") == []
     assert sj.active_adapters(model) == ()
+
+
+def test_an_adapter_added_after_the_last_was_deleted_is_active_and_trains():
+    """PEFT leaves it inactive (and PeftModel's forward then raises KeyError 'default'); here
+    it is active, as on a fresh model: the values get gradients and change the output."""
+    model = tiny_jax_llama(0)
+    base = np.asarray(model(IDS))
+    save = dict(modules_to_save=["lm_head"])
+    sj.apply_shira(model, jax_cfg(init_weights=False, **save))
+    sj.delete_adapter(model, "default")
+    sj.apply_shira(model, jax_cfg(init_weights=False, random_seed=7, **save), "c")
+    assert sj.active_adapters(model) == ("c",)
+    assert model.lm_head.active_adapters == ("c",)  # the modules_to_save wrapper too
+    assert np.abs(np.asarray(model(IDS)) - base).max() > 1e-4
+    grads = nnx.grad(lambda m: m(IDS).sum(), argnums=nnx.DiffState(0, sj.ShiraParam))(model)
+    assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
 
 
 # ----------------------------------------------------------------------------- modules_to_save

@@ -142,7 +142,6 @@ def generate_mixed(
     ids = np.array([[pad] * (width - len(r)) + r for r in rows], np.int32)
     mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows], np.int32)
     index = sj.adapter_index(model, [name for name, _ in prompts])
-    jax.clear_caches()  # the decoder is jitted: trace it afresh for this mix of adapters
     with sj.mixed_adapters(model, index):
         out = generate(
             model, jnp.asarray(ids), max_new_tokens, temperature=temperature, top_k=top_k,
