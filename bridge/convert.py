@@ -98,10 +98,7 @@ def peft_to_orbax(
     """
     check_adapter_name(adapter_name)
     if model is not None and tunix.is_tunix_model(model):  # HF paths in the file
-        folder, state = peft.read_state(
-            src_dir, adapter_name, kernel_shapes=tunix.hf_kernel_shapes(model)
-        )
-        state = tunix.to_tunix_state(state, model, source=str(folder / peft.WEIGHTS_NAME))
+        _, state = peft.read_tunix_state(src_dir, adapter_name, model)
     else:
         _, state = peft.read_state(
             src_dir, adapter_name, model=model, kernel_shapes=kernel_shapes,

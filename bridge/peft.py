@@ -76,6 +76,7 @@ from shira_jax.errors import (
     AdapterFileNotFoundError,
     AdapterKeyError,
     AdapterLoadError,
+    AdapterTargetError,
     check_dotted_path,
     check_regular_file,
     read_json_object,
@@ -92,9 +93,11 @@ __all__ = [
     "CONFIG_NAME",
     "AdapterFileNotFoundError",
     "AdapterLoadError",
+    "AdapterTargetError",
     "KEY_PREFIX",
     "WEIGHTS_NAME",
     "check_peft_budget",
+    "check_targets",
     "kernel_to_torch_order",
     "load_peft_adapter",
     "peft_config_dict",
@@ -102,6 +105,7 @@ __all__ = [
     "peft_tensors",
     "read_peft_dir",
     "read_state",
+    "read_tunix_state",
     "save_peft_adapter",
     "split_peft_keys",
     "torch_param_name",
@@ -318,10 +322,8 @@ def load_peft_adapter(
     """
     check_adapter_name(adapter_name)
     if tunix.is_tunix_model(model):  # HF paths in the file, Tunix paths in the model
-        shapes = tunix.hf_kernel_shapes(model)
-        folder, state = read_state(directory, adapter_name, kernel_shapes=shapes)
+        folder, state = read_tunix_state(directory, adapter_name, model)
         source = str(folder / WEIGHTS_NAME)
-        state = tunix.to_tunix_state(state, model, source=source)
     else:
         folder, state = read_state(directory, adapter_name, model=model, stack_name=stack_name)
         source = str(folder / WEIGHTS_NAME)
@@ -431,9 +433,78 @@ def read_state(
     _check_stacks(modules, layers, source, stack_name)
     for path, arrays in found.items():
         _check_peft_size(arrays, layers[path].kernel_shape, config.r, f"{source}: layer {path}")
+    if model is not None:
+        check_targets(
+            config, layers, _linear_paths(model, stack_name), source,
+            model_type=_model_type(model), unsupported=_other_modules(model),
+        )
     saved = _module_arrays(modules, config, other, source)
     _warn_stray(stray, source)
     return folder, AdapterState(config, layers, saved)
+
+
+def read_tunix_state(
+    directory: str | os.PathLike, adapter_name: str, model: nnx.Module
+) -> tuple[Path, AdapterState]:
+    """`read_state` for a Tunix model: the file's HF paths checked against the HF linears the
+    model holds (`bridge.tunix.hf_kernel_shapes`), then mapped to its Tunix paths."""
+    shapes = tunix.hf_kernel_shapes(model)
+    folder, state = read_state(directory, adapter_name, kernel_shapes=shapes)
+    source = str(folder / WEIGHTS_NAME)
+    check_targets(state.config, state.layers, shapes, source, model_type=_model_type(model))
+    return folder, tunix.to_tunix_state(state, model, source=source)
+
+
+def check_targets(
+    config: ShiraConfig,
+    file_layers: Iterable[str],
+    candidates: Iterable[str],
+    source: str,
+    *,
+    model_type: str | None = None,
+    unsupported: Mapping[str, str] | None = None,
+) -> None:
+    """Refuse a file whose SHiRA layers are not exactly the ones its `target_modules` select
+    among the model's `candidates` (PEFT's per-layer paths): PEFT would wrap the missing ones
+    with their initial values and skip the extra keys, warning at most. A selection of a module
+    SHiRA cannot wrap is an `AdapterTargetError` (a TypeError too, as in PEFT)."""
+    try:
+        selected = set(
+            resolve_targets(config, candidates, model_type=model_type, unsupported=unsupported)
+        )
+    except TypeError as err:
+        raise AdapterTargetError(f"{source}: {err}") from err
+    except ValueError as err:
+        raise AdapterLoadError(f"{source}: target_modules select no layer here: {err}") from err
+    have = set(file_layers)
+    missing, extra = sorted(selected - have), sorted(have - selected)
+    targets = config.target_modules
+    if missing:
+        raise AdapterLoadError(
+            f"{source}: target_modules {targets!r} select {len(missing)} layer(s) of this model "
+            f"that the file has no keys for, e.g. {missing[:3]} (PEFT would adapt them with "
+            "their initial values and only warn). Was the adapter made for another model, e.g. "
+            "one with fewer layers?"
+        )
+    if extra:
+        raise AdapterLoadError(
+            f"{source}: the file has keys for {len(extra)} layer(s) that target_modules "
+            f"{targets!r} does not select, e.g. {extra[:3]} (PEFT would not load them). Make "
+            "target_modules in adapter_config.json name every layer the file holds."
+        )
+
+
+def _model_type(model: nnx.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def _other_modules(model: nnx.Module) -> dict[str, str]:
+    """Paths and type names of the modules SHiRA cannot wrap (for PEFT's TypeError)."""
+    return {
+        path: type(module).__name__
+        for path, module in named_modules(model)
+        if kernel_view(unwrap(module)) is None and not isinstance(module, ModulesToSave)
+    }
 
 
 def _check_peft_size(

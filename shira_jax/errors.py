@@ -33,6 +33,7 @@ __all__ = [
     "AdapterFileNotFoundError",
     "AdapterKeyError",
     "AdapterLoadError",
+    "AdapterTargetError",
     "check_dotted_path",
     "check_regular_file",
     "parse_json_object",
@@ -60,6 +61,11 @@ class AdapterFileNotFoundError(AdapterLoadError, FileNotFoundError):
 class AdapterKeyError(AdapterLoadError, KeyError):
     """An `AdapterLoadError` for a key of the file that names no part of the model (also a
     KeyError, which such refusals raised before)."""
+
+
+class AdapterTargetError(AdapterLoadError, TypeError):
+    """An `AdapterLoadError` for a config whose `target_modules` select a module SHiRA cannot
+    wrap (also a TypeError, as PEFT raises for modules other than Linear)."""
 
 
 _DOTTED = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")

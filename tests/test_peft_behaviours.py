@@ -8,6 +8,7 @@ models need not share weights, except where outputs are compared (then only with
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import jax
@@ -241,3 +242,66 @@ def test_targets_that_select_only_linears_work_in_both(targets):
     model = tiny_jax_llama(0)
     sj.apply_shira(model, jax_cfg(target_modules=targets))
     assert {path for path, _ in sj.shira_layers(model)} == peft_paths
+
+
+# ----------------------------------------------------------------------------- file vs targets
+
+
+def _peft_dir_with_targets(tmp_path, targets):
+    """A real PEFT adapter on q_proj and v_proj whose config is edited to name `targets`."""
+    pm = peft_model(tiny_hf_llama(0), r=2, target_modules=["q_proj", "v_proj"], init_weights=False)
+    folder = tmp_path / "a"
+    pm.save_pretrained(str(folder))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "target_modules": targets}))
+    return folder
+
+
+def _refused_unchanged(model, load, error, match):
+    before = np.asarray(model(IDS))
+    with pytest.raises(error, match=match):
+        load()
+    assert not sj.shira_layers(model)
+    np.testing.assert_array_equal(np.asarray(model(IDS)), before)
+
+
+@pytest.mark.parametrize(
+    ("targets", "peft_warns", "match"),
+    [
+        (["q_proj", "k_proj", "v_proj"], True, r"no keys for, e\.g\. \['model\.layers\.0\.\w+\.k_"),
+        (["q_proj"], False, r"does not select, e\.g\. \['model\.layers\.0\.\w+\.v_proj'"),
+    ],
+)
+def test_a_file_whose_layers_are_not_its_targets_is_refused(tmp_path, targets, peft_warns, match):
+    """PEFT loads both: it adapts the targeted layers without keys with their initial values
+    (warning "Found missing adapter keys") and skips keys of untargeted layers silently; both
+    sides of such a file then run different adapters. Refused here, model unchanged."""
+    folder = _peft_dir_with_targets(tmp_path, targets)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft.PeftModel.from_pretrained(tiny_hf_llama(0), str(folder))
+    warned = any("missing adapter keys" in str(w.message) for w in caught)
+    assert warned == peft_warns
+    model = tiny_jax_llama(0)
+    load = lambda: bridge.load_peft_adapter(model, folder)  # noqa: E731
+    _refused_unchanged(model, load, sj.AdapterLoadError, match)
+
+
+def test_an_adapter_of_a_shallower_model_is_refused(tmp_path):
+    """Same widths, so every index is in range and every size fits: only the layer count
+    tells that this 2-layer adapter is not the 3-layer model's."""
+    folder = _peft_dir_with_targets(tmp_path, ["q_proj", "v_proj"])
+    model = tiny_jax_llama(0, num_hidden_layers=3)
+    load = lambda: bridge.load_peft_adapter(model, folder)  # noqa: E731
+    _refused_unchanged(model, load, sj.AdapterLoadError, r"model\.layers\.2\.self_attn\.q_proj")
+
+
+def test_a_file_whose_targets_select_a_norm_is_refused_as_a_type_error(tmp_path):
+    folder = _peft_dir_with_targets(tmp_path, r".*\.(q_proj|v_proj|input_layernorm)")
+    with pytest.raises(TypeError, match="RMSNorm"):
+        peft.PeftModel.from_pretrained(tiny_hf_llama(0), str(folder))
+    model = tiny_jax_llama(0)
+    load = lambda: bridge.load_peft_adapter(model, folder)  # noqa: E731
+    _refused_unchanged(model, load, TypeError, r"adapter_model\.safetensors: Target module")
+    with pytest.raises(sj.AdapterLoadError):  # one error type of ours, too
+        bridge.load_peft_adapter(model, folder)
