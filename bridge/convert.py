@@ -37,6 +37,7 @@ from flax import nnx
 
 from bridge import peft, tunix
 from shira_jax import checkpoint
+from shira_jax.state import check_entries
 from shira_jax.util import check_adapter_name
 
 __all__ = ["orbax_to_peft", "peft_to_orbax"]
@@ -48,8 +49,13 @@ def orbax_to_peft(
     adapter_name: str | None = None,
     *,
     model: nnx.Module | None = None,
+    allow_nonfinite: bool = False,
 ) -> Path:
     """Convert a `shira_jax.save_adapter` checkpoint to a PEFT SHiRA folder.
+
+    The checkpoint is checked as `sj.load_adapter` checks it, as far as no model is needed
+    (indices inside the stored kernel shapes and unique, sizes, finite values): a bad one
+    raises `AdapterLoadError` and writes nothing.
 
     Args:
         src_dir: the orbax adapter checkpoint.
@@ -59,14 +65,16 @@ def orbax_to_peft(
         model: needed only for a checkpoint of a Tunix model (weights unused, an abstract
             model will do): its paths become HF's, fused kernels are split per HF linear.
             Other models' paths are written as stored.
+        allow_nonfinite: convert NaN/inf values too (refused by default).
 
     Returns:
         The folder that holds `adapter_config.json` and `adapter_model.safetensors`.
     """
     stored_name, state = checkpoint.read_state(src_dir)  # host numpy, whatever mesh saved it
+    check_entries(state, str(src_dir), allow_nonfinite=allow_nonfinite)
     if model is not None and tunix.is_tunix_model(model):
         state = tunix.to_hf_state(state, model)
-    return peft.write_state(dst_dir, state, adapter_name or stored_name)
+    return peft.write_state(dst_dir, state, stored_name if adapter_name is None else adapter_name)
 
 
 def peft_to_orbax(

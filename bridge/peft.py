@@ -128,6 +128,14 @@ _SAFETENSORS_DTYPES = frozenset(
 # ----------------------------------------------------------------------------- files
 
 
+def _recover(folder: Path) -> None:
+    """Roll a complete interrupted save in `folder` forward (`atomic.recover_files`)."""
+    try:
+        atomic.recover_files(folder)
+    except OSError as err:
+        raise AdapterLoadError(f"{folder}: cannot finish an interrupted save ({err}).") from err
+
+
 def read_peft_dir(
     directory: str | os.PathLike, adapter_name: str | None = None
 ) -> tuple[Path, dict[str, Any], dict[str, np.ndarray]]:
@@ -148,16 +156,13 @@ def read_peft_dir(
         )
     if not folder.is_dir():
         raise AdapterFileNotFoundError(f"PEFT adapter folder {folder} does not exist.")
-    if (
-        adapter_name
-        and adapter_name != "default"
-        and os.path.lexists(folder / check_adapter_name(adapter_name) / CONFIG_NAME)
-    ):
-        folder = folder / adapter_name
-    try:
-        atomic.recover_files(folder)  # roll a complete interrupted save forward
-    except OSError as err:
-        raise AdapterLoadError(f"{folder}: cannot finish an interrupted save ({err}).") from err
+    if adapter_name and adapter_name != "default":
+        sub = folder / check_adapter_name(adapter_name)
+        if sub.is_dir() and not sub.is_symlink():
+            _recover(sub)  # a first save there may have been killed right after its commit
+        if os.path.lexists(sub / CONFIG_NAME):
+            folder = sub
+    _recover(folder)
     config_path = folder / CONFIG_NAME
     if not os.path.lexists(config_path):
         raise AdapterFileNotFoundError(

@@ -83,7 +83,9 @@ def save_adapter(
 
     Nothing is gathered to one host and stacked layers (`[L, nnz]`) are kept whole. Every
     process calls it; process 0 writes the metadata. The checkpoint is assembled beside the
-    target and renamed into place, so a crash never leaves one that loads half.
+    target and renamed into place, so a crash never leaves one that loads half. An existing
+    checkpoint at `directory` is replaced; a folder holding anything else is refused
+    (`FileExistsError`), never emptied.
     """
     check_adapter_name(adapter_name)
     write_state(directory, extract(model, adapter_name), adapter_name)
@@ -133,6 +135,7 @@ def write_state(
     target = epath.Path(directory if remote else os.path.abspath(directory))
     lead = jax.process_index() == 0
     sync = multihost_utils.sync_global_devices
+    _refuse_foreign(target)
     if remote:  # object stores have no atomic rename: the metadata file, written last, commits
         if lead:
             if target.exists():
@@ -162,6 +165,21 @@ def write_state(
     if lead:
         atomic.replace_dir(tmp, local)
     sync("shira_save_adapter:done")
+
+
+def _refuse_foreign(target: Any) -> None:
+    """A save replaces its target folder whole: refuse one that holds anything but an adapter
+    checkpoint (a PEFT export, notes, or `"."`), rather than delete what it holds."""
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise FileExistsError(f"Cannot save an adapter to {target}: it is a file.")
+    if (target / META_FILE).exists() or not any(True for _ in target.iterdir()):
+        return
+    raise FileExistsError(
+        f"Cannot save an adapter to {target}: the folder holds other files and no {META_FILE}, "
+        "and a save replaces its folder whole. Pick a new or empty folder (or delete it first)."
+    )
 
 
 # ----------------------------------------------------------------------------- read
@@ -410,7 +428,7 @@ def load_adapter(
     unless `allow_nonfinite=True`.
     """
     meta = read_meta(directory)
-    name = check_adapter_name(adapter_name or meta["adapter_name"])
+    name = check_adapter_name(meta["adapter_name"] if adapter_name is None else adapter_name)
     modules = dict(named_modules(model))
     where = _source(directory) / META_FILE
     for path, info in meta["layers"].items():

@@ -118,6 +118,9 @@ class ShiraConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 set_(name, tuple(value))
+                bad = [v for v in getattr(self, name) if not isinstance(v, str)]
+                if bad:
+                    raise TypeError(f"{name} must be names (strings), got {bad[:3]!r}.")
         if isinstance(self.target_modules, tuple):  # a set in PEFT: order carries no meaning
             set_("target_modules", tuple(sorted(set(self.target_modules))))
         if isinstance(self.modules_to_save, str):

@@ -89,8 +89,9 @@ def stacked_path(path: str, stack_name: str = "layers") -> tuple[str, int] | Non
     """`"model.layers.3.self_attn.q_proj"` -> `("model.layers.self_attn.q_proj", 3)`, else None."""
     parts = path.split(".")
     for i in range(len(parts) - 1):
-        if parts[i] == stack_name and parts[i + 1].isdigit():
-            return ".".join(parts[: i + 1] + parts[i + 2 :]), int(parts[i + 1])
+        n = parts[i + 1]
+        if parts[i] == stack_name and n.isascii() and n.isdigit() and str(int(n)) == n:
+            return ".".join(parts[: i + 1] + parts[i + 2 :]), int(n)  # "00" is not layer 0
     return None
 
 

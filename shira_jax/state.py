@@ -57,7 +57,14 @@ from shira_jax.modules_to_save import ModulesToSave, select_modules_to_save
 from shira_jax.stacked import restack_adapter, stacked_path, unstacked_path
 from shira_jax.util import check_adapter_name, get_submodule
 
-__all__ = ["AdapterState", "LayerState", "extract", "inject", "module_variables"]
+__all__ = [
+    "AdapterState",
+    "LayerState",
+    "check_entries",
+    "extract",
+    "inject",
+    "module_variables",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +208,7 @@ def inject(
         raise ValueError(f"dtype must be a floating dtype, got {dtype!r}.")
     modules = dict(named_modules(model))
     _check_layers(modules, state, source)
-    _check_entries(state, source, dtype, allow_nonfinite)
+    check_entries(state, source, dtype=dtype, allow_nonfinite=allow_nonfinite)
     module_values = _checked_module_arrays(modules, state, adapter_name, source)
     if not allow_nonfinite:
         for path, params in module_values.items():
@@ -240,11 +247,12 @@ def _require_finite(array: Any, where: str) -> None:
         )
 
 
-def _check_entries(
-    state: AdapterState, source: str, dtype: Any, allow_nonfinite: bool
+def check_entries(
+    state: AdapterState, source: str, *, dtype: Any = None, allow_nonfinite: bool = False
 ) -> None:
-    """Per layer: index and value shapes agree, nnz within the budget, positions unique,
-    values finite in the dtype they will have."""
+    """Per layer: index and value shapes agree, nnz within the budget, indices inside the
+    kernel and unique, values finite in the dtype they will have; else `AdapterLoadError`
+    naming `source` and the layer. Needs no model (`inject` adds the model's checks)."""
     budget = state.config.mask_type != "custom"
     for path, layer in state.layers.items():
         idx, vals, shape = layer.indices, layer.values, layer.kernel_shape
@@ -265,12 +273,30 @@ def _check_entries(
                 f"{state.config.r * (parts * n_in + n_out)} per layer. The file's r and its "
                 "arrays disagree (edited, or made for another model?)."
             )
+        _check_in_range(idx, (n_in, n_out), f"{source}: layer {path}")
         _check_unique(idx, f"{source}: layer {path}")
         cast = dtype or (jnp.float32 if np.dtype(vals.dtype).itemsize >= 4 else vals.dtype)
         if not allow_nonfinite:
             with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf is the point
                 cast_vals = _xp(vals).asarray(vals).astype(cast)
             _require_finite(cast_vals, f"{source}: layer {path} values")
+
+
+def _check_in_range(indices: Any, matrix: tuple[int, int], where: str) -> None:
+    """Refuse an index outside the `[in, out]` matrix (checked in the stored integer type, so
+    a value past int32 is not wrapped into range first)."""
+    xp = _xp(indices)
+    idx = xp.asarray(indices)
+    if idx.shape[-1] == 0:
+        return
+    for axis, (name, size) in enumerate(zip(("row (in)", "column (out)"), matrix)):
+        low, high = int(idx[..., axis, :].min()), int(idx[..., axis, :].max())
+        if low < 0 or high >= size:
+            raise AdapterLoadError(
+                f"{where}: {name} indices run from {low} to {high}, outside [0, {size}) of the "
+                f"kernel's [in, out] = {list(matrix)}. The file is damaged or made for another "
+                "model."
+            )
 
 
 def _check_unique(indices: Any, where: str) -> None:
@@ -361,6 +387,12 @@ def _checked_module_arrays(
                 raise AdapterLoadError(
                     f"{source}: {path}.{var_path}: saved shape {got.shape}, model "
                     f"{tuple(variable.shape)}."
+                )
+            target = np.dtype(variable.get_value().dtype)
+            if np.iscomplexobj(got) and not np.issubdtype(target, np.complexfloating):
+                raise AdapterLoadError(
+                    f"{source}: {path}.{var_path}: saved dtype {got.dtype} is complex; the "
+                    f"model's is {target} (the imaginary part would be dropped)."
                 )
             try:  # the dtype the model's copy gets (1e300 as float32 is inf: checked after)
                 with np.errstate(over="ignore", invalid="ignore"):

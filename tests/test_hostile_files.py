@@ -292,6 +292,65 @@ def test_duplicate_orbax_positions_are_refused(bad_ckpt):
     refused(load, model, "repeated index")
 
 
+@pytest.mark.parametrize(
+    ("row", "value", "match"),
+    [
+        (0, -1, r"layer up: row \(in\) indices run from -1"),
+        (1, 12, r"layer up: column \(out\) indices run from \d+ to 12, outside \[0, 12\)"),
+        (1, 2**33 + 1, r"to 8589934593"),  # int64: not wrapped into int32 range first
+    ],
+)
+def test_orbax_indices_outside_the_kernel_are_refused_naming_the_file(bad_ckpt, row, value, match):
+    def out_of_range(st):
+        idx = np.array(st.layers["up"].indices, np.int64)
+        idx[row, 0] = value
+        return _map_layer(st, "up", indices=idx)
+
+    _rewrite(bad_ckpt, out_of_range)
+    model, load = load_orbax(bad_ckpt)
+    assert str(bad_ckpt) in str(refused(load, model, match))
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda st: _map_layer(st, "up", indices=-np.array(st.layers["up"].indices)), "outside"),
+        (lambda st: _map_layer(st, "down", values=np.full_like(
+            np.asarray(st.layers["down"].values), np.nan)), "NaN/inf"),
+    ],
+)
+def test_orbax_to_peft_checks_what_load_adapter_checks(bad_ckpt, tmp_path, edit, match):
+    from bridge import orbax_to_peft
+
+    _rewrite(bad_ckpt, edit)
+    with pytest.raises(sj.AdapterLoadError, match=match):
+        orbax_to_peft(bad_ckpt, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+@pytest.mark.parametrize("field", ["modules_to_save", "target_modules"])
+def test_config_lists_of_non_names_are_refused(bad_ckpt, bad_peft, field):
+    edit_json(bad_ckpt / META, lambda m: m["config"].__setitem__(field, [1]))
+    model, load = load_orbax(bad_ckpt)
+    refused(load, model, f"{field} must be names")
+    edit_json(bad_peft / CONFIG, lambda c: c.__setitem__(field, [1]))
+    model, load = load_peft(bad_peft)
+    refused(load, model, f"{CONFIG}: bad SHiRA config: {field} must be names")
+
+
+def test_save_adapter_never_empties_a_folder_of_other_files(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="holds other files and no shira_adapter.json"):
+        sj.save_adapter(adapted(), folder, "first")
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+    (folder / "notes.txt").unlink()
+    sj.save_adapter(adapted(), folder, "first")  # an empty folder is fine
+    sj.save_adapter(adapted(), folder, "first")  # and so is an adapter checkpoint (replaced)
+    assert (folder / META).is_file()
+
+
 def test_orbax_config_r_disagreeing_with_stored_entries_is_refused(bad_ckpt):
     edit_json(bad_ckpt / META, lambda m: m["config"].__setitem__("r", 2))
     model, load = load_orbax(bad_ckpt)

@@ -50,6 +50,8 @@ def state(v):
 def save(fmt, target, v):
     if fmt == "orbax":
         checkpoint.write_state(target, state(v), "default")
+    elif fmt == "peft-x":  # a named adapter: PEFT's subfolder target/x
+        peft.write_state(target, state(v), "x")
     else:
         peft.write_state(target, state(v), "default")
 
@@ -277,3 +279,30 @@ def test_target_missing_with_both_hidden_copies_recovers_on_load(tmp_path):
     assert loaded_version("orbax", target) == 2
     save("orbax", target, 3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_a_first_named_save_killed_after_its_commit_loads_as_the_new_adapter(zygote, tmp_path):
+    """A folder with a default adapter at its root, and a first save of adapter "x" (into the
+    subfolder x/) killed before each rename: once x/ holds the commit journal or a file, a
+    load of "x" gives the new adapter (the subfolder is recovered before it is chosen), never
+    the root's; before that, the root's, as PEFT reads a folder without the subfolder."""
+    target = tmp_path / "out"
+    save("peft", target, 1)
+    seen = []
+    for k in range(1, 30):
+        version = 200 + k
+        pid = zygote.run(mode="step", fmt="peft-x", target=str(target), base=version, k=k)
+        done = zygote.read()
+        assert done["done"] == pid
+        sub = target / "x"
+        started = sub.is_dir() and any(
+            (sub / name).exists() for name in (atomic.FILES_JOURNAL, peft.CONFIG_NAME)
+        )
+        _, st = peft.read_state(target, "x", kernel_shapes={"up": SHAPE})
+        got = int(st.config.random_seed)
+        assert got == (version if started else 1), (k, started, got)
+        seen.append(started)
+        if not os.WIFSIGNALED(done["status"]):
+            break
+        shutil.rmtree(sub, ignore_errors=True)  # the next try is a first save again
+    assert True in seen and False in seen, seen

@@ -317,3 +317,13 @@ def test_bad_stacked_files_are_refused_and_model_unchanged(case, peft_dir, tmp_p
         load_peft_adapter(model, folder, "second")
     assert_unchanged(model, before)
     np.testing.assert_array_equal(j_out(model, xs), out_before)
+
+
+def test_only_canonical_layer_numbers_name_a_stacked_layer():
+    """`layers.00` (or a non-ASCII digit) is not layer 0: a file with such a key next to
+    `layers.0` would otherwise replace layer 0's adapter silently."""
+    from shira_jax.stacked import stacked_path
+
+    assert stacked_path("model.layers.12.self_attn.q_proj") == ("model.layers.self_attn.q_proj", 12)
+    for path in ("model.layers.00.self_attn.q_proj", "model.layers.\u0663.q_proj", "layers.+1.q"):
+        assert stacked_path(path) is None, path
