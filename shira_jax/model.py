@@ -197,7 +197,8 @@ def apply_shira(
     new_values = _start_values(config, views, new_indices, values, key)
 
     # ---- nothing above changed the model; from here on, commit.
-    active = active_adapters(model) or (adapter_name,)
+    had_active = active_adapters(model)
+    active = had_active or (adapter_name,)
     for path in targets:
         node = modules[path]
         layer = attach_adapter(
@@ -207,6 +208,10 @@ def apply_shira(
         if layer is not node:
             set_submodule(model, path, layer)
     wrap_modules_to_save(model, save_paths, adapter_name, active)
+    if not had_active:  # e.g. every adapter was deleted: active model-wide, as on a new model
+        for _, layer in shira_layers(model):
+            if layer.active_adapters != active:
+                layer.set_adapter(active)
     model.shira_configs = {**adapter_configs(model), adapter_name: config}
     return model
 
@@ -258,7 +263,7 @@ def _given_indices(path: str, view: KernelView, given: Any) -> np.ndarray:
     """Validated `[*stack, 2, nnz]` indices for `view` (one `[2, nnz]` check per slice)."""
     idx = np.asarray(given)
     if not view.stacked:
-        return masks.validate_indices(idx, view.n_in, view.n_out, layer_name=path)
+        return _unique(masks.validate_indices(idx, view.n_in, view.n_out, layer_name=path), path)
     if idx.ndim != len(view.stack_shape) + 2 or idx.shape[:-2] != view.stack_shape:
         raise ValueError(
             f"Stacked layer {path}: indices of shape {idx.shape}; expected "
@@ -267,10 +272,24 @@ def _given_indices(path: str, view: KernelView, given: Any) -> np.ndarray:
         )
     flat = idx.reshape(view.num_slices, *idx.shape[-2:])
     out = [
-        masks.validate_indices(flat[i], view.n_in, view.n_out, layer_name=f"{path}[{i}]")
+        _unique(masks.validate_indices(flat[i], view.n_in, view.n_out, layer_name=f"{path}[{i}]"),
+                f"{path}[{i}]")
         for i in range(view.num_slices)
     ]
     return np.stack(out).reshape(idx.shape)
+
+
+def _unique(idx: np.ndarray, path: str) -> np.ndarray:
+    """`idx` if no (in, out) position repeats: the forward writes each entry once, so a
+    repeated one would disagree with `get_delta_weight`'s sum."""
+    flat = idx[0].astype(np.int64) * (int(idx[1].max(initial=0)) + 1) + idx[1]
+    repeats = flat.size - np.unique(flat).size
+    if repeats:
+        raise ValueError(
+            f"Layer {path}: indices repeat {repeats} (in, out) position(s); each entry may "
+            "appear once. sj.masks.canonicalize(indices, values, shape) sums repeated ones."
+        )
+    return idx
 
 
 def _make_masks(
@@ -646,6 +665,8 @@ def delete_adapter(model: nnx.Module, adapter_name: str) -> None:
     for _, layer in layers:
         if adapter_name in layer.adapter_names:
             layer.delete_adapter(adapter_name)
+        elif adapter_name in layer.active_adapters:  # active model-wide, absent here
+            layer.set_adapter(tuple(a for a in layer.active_adapters if a != adapter_name))
     for _, wrapper in _save_wrappers(model):
         wrapper.delete_adapter(adapter_name)
     model.shira_configs = {k: v for k, v in adapter_configs(model).items() if k != adapter_name}

@@ -11,7 +11,6 @@ from typing import Any
 
 from flax import nnx
 
-from shira_jax.config import matches_target
 from shira_jax.layer import ShiraFrozenValues, ShiraParam
 from shira_jax.util import as_tuple, get_submodule, set_submodule
 
@@ -48,6 +47,7 @@ class ModulesToSave(nnx.Module):
     def delete_adapter(self, adapter: str) -> None:
         if adapter in self.modules_to_save:
             del self.modules_to_save[adapter]
+        self.active_adapters = tuple(a for a in self.active_adapters if a != adapter)
 
     def active_module(self) -> nnx.Module:
         if not self.disabled:
@@ -102,12 +102,13 @@ def _retype_params(module: nnx.Module, kind: type[nnx.Variable]) -> None:
 def select_modules_to_save(
     modules: dict[str, nnx.Module], patterns: Sequence[str], targets: Sequence[str] = ()
 ) -> list[str]:
-    """Paths of the outermost modules matching `patterns` (PEFT's list rule).
+    """Paths of the outermost modules whose path ends with one of `patterns`: PEFT's plain
+    `key.endswith(name)` (so "norm" also picks "input_layernorm", as in PEFT).
 
     Errors if none matches, or if a chosen module is, holds or sits in a SHiRA target (a module
     cannot be both trained fully and adapted sparsely).
     """
-    chosen = [p for p in modules if matches_target(p, list(patterns))]
+    chosen = [p for p in modules if any(p.endswith(name) for name in patterns)]  # PEFT's rule
     chosen = [p for p in chosen if not any(p.startswith(c + ".") for c in chosen)]
     if not chosen:
         raise ValueError(f"modules_to_save {list(patterns)} matched no module of the model.")

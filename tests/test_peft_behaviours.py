@@ -20,6 +20,7 @@ from flax import nnx
 
 import bridge
 import shira_jax as sj
+from shira_jax.model import named_modules
 
 peft = pytest.importorskip("peft")
 
@@ -305,3 +306,56 @@ def test_a_file_whose_targets_select_a_norm_is_refused_as_a_type_error(tmp_path)
     _refused_unchanged(model, load, TypeError, r"adapter_model\.safetensors: Target module")
     with pytest.raises(sj.AdapterLoadError):  # one error type of ours, too
         bridge.load_peft_adapter(model, folder)
+
+
+# ----------------------------------------------------------------------------- more replays
+
+
+def test_modules_to_save_names_match_by_plain_suffix_as_in_peft(tmp_path):
+    """PEFT wraps every module whose path ends with a modules_to_save entry (plain
+    `endswith`): "norm" picks the layer norms too, and PEFT's file then loads here."""
+    pm = peft_model(tiny_hf_llama(0), r=2, target_modules=["q_proj"], modules_to_save=["norm"])
+    wrapped = {
+        name.removeprefix("base_model.model.")
+        for name, module in pm.named_modules()
+        if type(module).__name__ == "ModulesToSaveWrapper"
+    }
+    assert "model.layers.0.input_layernorm" in wrapped and "model.norm" in wrapped
+    pm.save_pretrained(str(tmp_path / "a"))
+
+    def held(model):
+        return {p for p, m in named_modules(model) if isinstance(m, sj.ModulesToSave)}
+
+    model = tiny_jax_llama(0)
+    sj.apply_shira(model, jax_cfg(target_modules=["q_proj"], modules_to_save=["norm"]))
+    assert held(model) == wrapped
+    fresh = tiny_jax_llama(0)
+    bridge.load_peft_adapter(fresh, tmp_path / "a")  # PEFT's own file loads
+    assert held(fresh) == wrapped
+
+
+def test_deleting_adapters_on_disjoint_layers_leaves_no_stale_name_active():
+    model = tiny_jax_llama(0)
+    sj.apply_shira(model, jax_cfg(target_modules=["q_proj"], init_weights=False), "a")
+    sj.apply_shira(model, jax_cfg(target_modules=["v_proj"], init_weights=False), "b")
+    base = tiny_jax_llama(0)(IDS)
+    recorded(sj.delete_adapter, model, "a")  # PEFT's warning: "b" becomes active
+    assert sj.active_adapters(model) == ("b",)
+    sj.delete_adapter(model, "b")
+    assert sj.active_adapters(model) == () and sj.adapter_names(model) == ()
+    assert all(layer.active_adapters == () for _, layer in sj.shira_layers(model))
+    sj.apply_shira(model, jax_cfg(target_modules=["v_proj"], init_weights=False), "c")
+    assert all(layer.active_adapters == ("c",) for _, layer in sj.shira_layers(model))
+    assert np.abs(np.asarray(model(IDS)) - np.asarray(base)).max() > 1e-4  # "c" runs
+
+
+def test_given_indices_that_repeat_a_position_are_refused():
+    """The forward writes each entry once; a repeated position would disagree with
+    get_delta_weight's sum (PEFT's readers sum them: masks.canonicalize does that)."""
+    model = tiny_jax_llama(0)
+    path = "model.layers.0.self_attn.q_proj"
+    idx = np.array([[0, 0, 1], [3, 3, 4]])
+    with pytest.raises(ValueError, match=r"repeat 1 \(in, out\) position"):
+        sj.apply_shira(model, jax_cfg(target_modules=["q_proj"]), indices={path: idx},
+                       values={path: np.ones(3, np.float32)})
+    assert not sj.shira_layers(model)
