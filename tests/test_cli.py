@@ -73,6 +73,14 @@ def _fails_with_one_line(capsys, argv: list[str], expected: str, loads: list[str
         (["finetune", "--resume", "--out", "/nonexistent/run"], "no checkpoint"),
         (["generate", "--adapter", "/no/such/adapter", "hello"], "no such folder"),
         (["convert", "/no/such/src", "/tmp/dst"], "is not a folder"),
+        (["finetune", "--seed", "-1"], "--seed must be >= 0"),
+        (["finetune", "--clip-norm", "-1"], "--clip-norm must be >= 0"),
+        (["finetune", "--weight-decay", "-0.1"], "--weight-decay must be >= 0"),
+        (["finetune", "--mesh", "Data=2"], "unknown axis ['Data']"),
+        (["generate", "--top-k", "0", "--temperature", "1", "hi"], "--top-k must be >= 1"),
+        (["demo", "--steps", "0"], "--steps must be a positive integer"),
+        (["demo", "--r", "0"], "--r must be a positive integer"),
+        (["demo", "--lr", "-1"], "--lr must be a positive number"),
     ],
 )
 def test_bad_input_exits_with_one_line(capsys, argv, expected, no_model_loading):
@@ -205,6 +213,18 @@ def test_generate_one_adapter_per_prompt_in_one_batch(tiny_run, capsys):
     assert _section(text, "@base") == alone_base
     assert main([*argv, "--adapter", f"a={out}", "--adapter", f"b={out}", "ROMEO:"]) != 0
     assert "tag each prompt" in capsys.readouterr().err
+
+
+def test_convert_refuses_a_destination_inside_its_source_or_full_of_other_files(
+    tiny_run, tmp_path, capsys, no_model_loading
+):
+    orbax = str(tiny_run["out"] / "orbax")
+    _fails_with_one_line(capsys, ["convert", orbax, orbax], "is inside SRC", no_model_loading)
+    _fails_with_one_line(capsys, ["convert", orbax, ""], "DST is empty", no_model_loading)
+    (tmp_path / "notes.txt").write_text("keep")
+    argv = ["convert", orbax, str(tmp_path)]
+    _fails_with_one_line(capsys, argv, "already holds other files", no_model_loading)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
 def test_convert_orbax_to_peft_and_back(tiny_run, tmp_path, capsys, monkeypatch):

@@ -119,6 +119,8 @@ def _check_generate(opts: GenerateOptions) -> str:
         raise ValueError(f"--temperature must be >= 0, got {opts.temperature}")
     if opts.dtype not in DTYPES:
         raise ValueError(f"unknown --dtype {opts.dtype!r}; choose {', '.join(DTYPES)}")
+    if opts.top_k is not None and opts.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {opts.top_k}")
     return prompt
 
 
@@ -170,6 +172,24 @@ def _generate(opts: GenerateOptions) -> int:
     return 0
 
 
+def _check_peft_destination(dst: Path, adapter_name: str | None) -> None:
+    """Refuse a PEFT destination that holds anything but a PEFT adapter (files would mix)."""
+    import bridge
+
+    if not dst.is_dir():
+        return
+    ours = {bridge.peft.CONFIG_NAME, bridge.peft.WEIGHTS_NAME, "README.md"}
+    others = sorted(
+        p.name for p in dst.iterdir()
+        if p.name not in ours and not p.name.startswith(".") and p.name != adapter_name
+    )
+    if others:
+        raise ValueError(
+            f"{dst} already holds other files ({others[:3]}); a PEFT adapter folder "
+            "would mix with them. Pick a new or empty folder."
+        )
+
+
 def _shapes_model(model: str) -> Any:
     """The base model with shapes only (from config.json), or with weights for a GGUF file."""
     from shira_jax.app import source
@@ -185,8 +205,13 @@ def _convert(opts: ConvertOptions) -> int:
     src, dst = Path(opts.src).expanduser().absolute(), Path(opts.dst).expanduser().absolute()
     if not src.is_dir():
         raise FileNotFoundError(f"convert: {opts.src} is not a folder")
+    if not str(opts.dst).strip():
+        raise ValueError("give a destination folder (DST is empty)")
+    if dst == src or src in dst.parents:
+        raise ValueError(f"DST {opts.dst} is inside SRC {opts.src}; pick another folder")
     if (src / "shira_adapter.json").is_file():
         # the file keeps the model's own paths; only a Tunix model's need HF's names
+        _check_peft_destination(dst, opts.adapter_name)
         model = None if opts.model == DEFAULT_MODEL else _shapes_model(opts.model)
         folder = bridge.orbax_to_peft(src, dst, adapter_name=opts.adapter_name, model=model)
         print(f"PEFT adapter written to {folder} (from the orbax checkpoint {src})")
@@ -208,6 +233,13 @@ def _convert(opts: ConvertOptions) -> int:
 def _demo(opts: DemoOptions) -> int:
     from shira_jax.app.demo import run_demo
 
+    for flag, value in (("--r", opts.r), ("--steps", opts.steps)):
+        if value < 1:
+            raise ValueError(f"{flag} must be a positive integer, got {value}")
+    if not opts.lr > 0:
+        raise ValueError(f"--lr must be a positive number, got {opts.lr}")
+    if opts.out is not None and Path(opts.out).expanduser().is_file():
+        raise ValueError(f"--out {opts.out} is a file; give a folder for the adapter")
     return run_demo(**dataclasses.asdict(opts))
 
 

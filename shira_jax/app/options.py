@@ -36,6 +36,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # `--mask` choices: every mask type but "custom" (a function cannot be a flag).
 MASK_CHOICES = tuple(m for m in MASK_TYPES if m != "custom")
 QUANTIZE_CHOICES = ("int8", "int4", "nf4")  # qwix weight-only PTQ of the adapted kernels
+MESH_AXES = ("data", "fsdp", "model")  # the axes the trainer's sharding rules use
 
 
 class FinetuneError(ValueError):
@@ -71,7 +72,7 @@ class FinetuneConfig:
     lr: float = option(3e-3, "peak learning rate (AdamW)")
     warmup: int = option(6, "linear warmup steps, then cosine decay")
     weight_decay: float = option(0.0, "AdamW decay (toward W)")
-    clip_norm: float = option(1.0, "global gradient-norm clip")
+    clip_norm: float = option(1.0, "global gradient-norm clip (0: none)")
     seed: int = option(0, "data order and random-mask seed")
     dtype: str = option(
         "bfloat16", "base weights and compute (SHiRA values train in float32)", choices=DTYPES
@@ -199,6 +200,7 @@ def _check_numbers(cfg: FinetuneConfig) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise FinetuneError(f"{flag} must be a positive integer, got {value!r}")
     non_negative = {
+        "--seed": cfg.seed,
         "--warmup": cfg.warmup,
         "--eval-every": cfg.eval_every,
         "--ckpt-every": cfg.ckpt_every,
@@ -209,6 +211,9 @@ def _check_numbers(cfg: FinetuneConfig) -> None:
             raise FinetuneError(f"{flag} must be >= 0, got {value!r}")
     if not (isinstance(cfg.lr, (int, float)) and math.isfinite(cfg.lr) and cfg.lr > 0):
         raise FinetuneError(f"--lr must be a positive number, got {cfg.lr!r}")
+    for flag, number in (("--weight-decay", cfg.weight_decay), ("--clip-norm", cfg.clip_norm)):
+        if not (math.isfinite(number) and number >= 0):
+            raise FinetuneError(f"{flag} must be >= 0, got {number!r}")
     if not 0.0 < cfg.eval_fraction < 1.0:
         raise FinetuneError(f"eval_fraction must be in (0, 1), got {cfg.eval_fraction}")
 
@@ -244,6 +249,11 @@ def validate(cfg: FinetuneConfig) -> None:
             sizes = sharding.parse_mesh(cfg.mesh)
         except ValueError as err:
             raise FinetuneError(f"--mesh: {err}") from None
+        unknown = sorted(set(sizes) - set(MESH_AXES))
+        if unknown:
+            raise FinetuneError(
+                f"--mesh: unknown axis {unknown}; the trainer shards over {', '.join(MESH_AXES)}"
+            )
         check_batch_split(cfg.batch_size, sizes)
 
 
