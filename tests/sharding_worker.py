@@ -12,12 +12,16 @@ from __future__ import annotations
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from xla_flags import SLOW_COLLECTIVES  # noqa: E402
+
 n_devices = int(sys.argv[1])
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n_devices}"
+    os.environ.get("XLA_FLAGS", "")
+    + f" --xla_force_host_platform_device_count={n_devices}"
+    + SLOW_COLLECTIVES
 )
 os.environ["JAX_PLATFORMS"] = "cpu"
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from pathlib import Path  # noqa: E402
 

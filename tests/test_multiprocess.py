@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from xla_flags import SLOW_COLLECTIVES
 
 STEPS = 4
 STOP = 2  # the interrupted run stops (and checkpoints) after this step
@@ -56,7 +57,7 @@ def _free_port() -> int:
 def _env(n_devices: int, cache: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
     env.update(
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}" + SLOW_COLLECTIVES,
         JAX_PLATFORMS="cpu",
         JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
         # the resumed run reuses the interrupted run's compiled programs (about half its time)

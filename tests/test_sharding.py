@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import sharding_cases as cases
 from flax import nnx
+from xla_flags import SLOW_COLLECTIVES
 
 import shira_jax as sj
 from shira_jax import sharding, stacked
@@ -453,7 +454,7 @@ def test_finetune_cli_mesh_matches_single_device(tmp_path):
     model_dir = make_tiny_model_dir(tmp_path / "model", text=text)
     env = {
         **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8" + SLOW_COLLECTIVES,
         "JAX_PLATFORMS": "cpu",
     }
     flags = ["--model", str(model_dir), "--data", str(tmp_path / "corpus.txt"), "--r", "4"]
