@@ -1087,6 +1087,7 @@ def mixed_batch(layers: Sequence[ShiraDense], names: Sequence[str], ids: Any) ->
     for example `b`; other modules are untouched. Use `sj.mixed_adapters(model, ids)`, which
     checks the model and the ids first. Nested blocks restore the outer mix on exit."""
     names = tuple(names)
+    layers = [layer for layer in layers if layer.adapter_names]  # empty wrappers: nothing to mix
     saved = [(layer, getattr(layer, "mixed_ids", None), getattr(layer, "mixed_names", None))
              for layer in layers]
     try:
@@ -1183,7 +1184,7 @@ def attach_adapter(
         layer.add_adapter(
             adapter, indices, r=r, values=values, active=is_active, delta_mode=delta_mode
         )
-        if layer.active_adapters != tuple(active):  # a new wrapper, or one left with none
+        if layer is not node:
             layer.set_adapter(tuple(active))
         return layer
     idx = jnp.asarray(indices, jnp.int32)
@@ -1195,8 +1196,6 @@ def attach_adapter(
         before = _sharding(node)
         per_slice(add, node, in_axes=(0, 0, 0), out_axes=None)(node, idx, values)
         _restore_placement(node, before)
-        if node.active_adapters != tuple(active):  # e.g. every adapter was deleted before
-            node.set_adapter(tuple(active))
         return node
     graphdef, state = nnx.split(node)
     before = _sharding(node)
